@@ -1,0 +1,30 @@
+# Every target creates the virtualenv on first use, so a fresh clone needs one command.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export JAX_COMPILATION_CACHE_DIR ?= $(CURDIR)/.jax_cache
+
+.PHONY: train test test-slow bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $(STAMP)
+
+train: $(STAMP)
+	$(BIN)/metarl train --config experiments/promp_point_nav.yaml --out runs/promp_point_nav --force
+	@echo "Results: runs/promp_point_nav/metrics.jsonl (configuration in runs/promp_point_nav/config.yaml)"
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/promp_iteration.py
+
+clean:
+	rm -rf $(VENV) .jax_cache runs

@@ -1,0 +1,3 @@
+"""metarl-jax: meta-reinforcement learning compiled end to end with JAX."""
+
+__version__ = "0.1.0"

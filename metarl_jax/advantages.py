@@ -1,0 +1,128 @@
+"""Returns, the linear feature baseline, GAE and advantage normalisation (ALGORITHMS.md §0).
+
+All functions work on one task's phase batch, [N, H] (episodes × steps), and respect
+`masks`: steps after an episode ended contribute nothing. `process_phase` applies them
+per task to a [M, N, H] batch.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from metarl_jax.rollout import Trajectories
+
+
+def discounted_returns(rewards: jax.Array, masks: jax.Array, discount: float) -> jax.Array:
+    """Reward-to-go G_t = Σ_{t' ≥ t} γ^{t'-t} r_{t'} over real steps; [..., H] → [..., H]."""
+
+    def backward(carry, inputs):
+        reward, mask = inputs
+        carry = mask * (reward + discount * carry)
+        return carry, carry
+
+    step_major = (jnp.moveaxis(rewards, -1, 0), jnp.moveaxis(masks, -1, 0))
+    _, returns = jax.lax.scan(backward, jnp.zeros(rewards.shape[:-1], rewards.dtype),
+                              step_major, reverse=True)
+    return jnp.moveaxis(returns, 0, -1)
+
+
+def baseline_features(observations: jax.Array) -> jax.Array:
+    """rllab's linear-baseline features, [..., H, obs] → [..., H, 2·obs + 4]:
+
+        [clip(s, -10, 10), clip(s, -10, 10)², t/100, (t/100)², (t/100)³, 1]
+    with t the step index within the episode.
+    """
+    horizon = observations.shape[-2]
+    clipped = jnp.clip(observations, -10.0, 10.0)
+    time = jnp.arange(horizon, dtype=observations.dtype)[:, None] / 100.0
+    time = jnp.broadcast_to(time, observations.shape[:-1] + (1,))
+    return jnp.concatenate([clipped, clipped ** 2, time, time ** 2, time ** 3,
+                            jnp.ones_like(time)], axis=-1)
+
+
+def fit_linear_baseline(features: jax.Array, targets: jax.Array, masks: jax.Array,
+                        reg_coeff: float = 1e-5, max_escalations: int = 5) -> jax.Array:
+    """Ridge least squares w = (XᵀX + c I)⁻¹ Xᵀ y over the real steps.
+
+    As in rllab's LinearFeatureBaseline, when the solution is not finite the regulariser
+    c is multiplied by 10 and the solve retried, at most `max_escalations` times.
+
+    Args:
+      features: [..., F], flattened over all leading axes.
+      targets, masks: [...].
+    Returns:
+      coefficients, [F].
+    """
+    num_features = features.shape[-1]
+    x = features.reshape(-1, num_features) * masks.reshape(-1, 1)
+    y = (targets * masks).reshape(-1)
+    gram, moment = x.T @ x, x.T @ y
+    identity = jnp.eye(num_features, dtype=x.dtype)
+
+    def solve(reg):
+        return jnp.linalg.solve(gram + reg * identity, moment)
+
+    def needs_retry(carry):
+        coeffs, reg, tries = carry
+        return jnp.logical_and(~jnp.all(jnp.isfinite(coeffs)), tries < max_escalations)
+
+    def retry(carry):
+        _, reg, tries = carry
+        reg = reg * 10.0
+        return solve(reg), reg, tries + 1
+
+    reg0 = jnp.asarray(reg_coeff, x.dtype)
+    coeffs, _, _ = jax.lax.while_loop(needs_retry, retry, (solve(reg0), reg0, 0))
+    return coeffs
+
+
+def generalized_advantages(rewards: jax.Array, values: jax.Array, masks: jax.Array,
+                           discount: float, gae_lambda: float) -> jax.Array:
+    """GAE (Schulman et al. 2016), the value after the last real step taken as 0:
+
+        δ_t = r_t + γ V(s_{t+1}) m_{t+1} − V(s_t),   Â_t = δ_t + γλ m_{t+1} Â_{t+1}.
+    With λ = 1 this is G_t − V(s_t).
+    """
+    next_masks = jnp.concatenate([masks[..., 1:], jnp.zeros_like(masks[..., :1])], axis=-1)
+    next_values = jnp.concatenate([values[..., 1:], jnp.zeros_like(values[..., :1])], axis=-1)
+    deltas = rewards + discount * next_values * next_masks - values
+
+    def backward(carry, inputs):
+        delta, mask, next_mask = inputs
+        carry = mask * (delta + discount * gae_lambda * next_mask * carry)
+        return carry, carry
+
+    step_major = tuple(jnp.moveaxis(a, -1, 0) for a in (deltas, masks, next_masks))
+    _, advantages = jax.lax.scan(backward, jnp.zeros(rewards.shape[:-1], rewards.dtype),
+                                 step_major, reverse=True)
+    return jnp.moveaxis(advantages, 0, -1)
+
+
+def normalize(advantages: jax.Array, masks: jax.Array, eps: float = 1e-8) -> jax.Array:
+    """Zero mean, unit std over the real steps (population std, as numpy's default)."""
+    count = jnp.maximum(jnp.sum(masks), 1.0)
+    mean = jnp.sum(advantages * masks) / count
+    std = jnp.sqrt(jnp.sum(masks * (advantages - mean) ** 2) / count)
+    return masks * (advantages - mean) / (std + eps)
+
+
+def task_advantages(batch: Trajectories, discount: float, gae_lambda: float,
+                    normalize_advantages: bool = True) -> Trajectories:
+    """Fills `returns` and `advantages` for ONE task's phase batch ([N, H])."""
+    returns = discounted_returns(batch.rewards, batch.masks, discount)
+    features = baseline_features(batch.observations)
+    coeffs = fit_linear_baseline(features, returns, batch.masks)
+    values = (features @ coeffs) * batch.masks
+    advantages = generalized_advantages(batch.rewards, values, batch.masks, discount,
+                                        gae_lambda)
+    if normalize_advantages:
+        advantages = normalize(advantages, batch.masks)
+    return batch.replace(returns=returns, advantages=advantages)
+
+
+def process_phase(batch: Trajectories, discount: float, gae_lambda: float,
+                  normalize_advantages: bool = True) -> Trajectories:
+    """Per-task baselines and advantages for a [M, N, H] phase batch."""
+    return jax.vmap(task_advantages, in_axes=(0, None, None, None))(
+        batch, discount, gae_lambda, normalize_advantages)

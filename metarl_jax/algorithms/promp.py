@@ -1,0 +1,177 @@
+"""ProMP (Rothfuss et al., ICLR 2019) as one compiled meta-iteration, ALGORITHMS.md §1.
+
+Read `ProMP.meta_iteration` top to bottom: sample tasks; K inner phases, each sampling
+fresh episodes with the current adapted policy and taking one LVC gradient step; a
+post-update phase; P Adam steps on the clipped + KL outer loss, differentiating through
+the inner steps re-derived from θ on the stored batches; the adaptive KL rule.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from metarl_jax.advantages import process_phase
+from metarl_jax.config import SamplingConfig, at_least, field, positive
+from metarl_jax.envs.base import TaskEnv
+from metarl_jax.losses import inner_update, lvc_inner_loss, promp_outer_loss
+from metarl_jax.policies import GaussianPolicy
+from metarl_jax.rollout import Trajectories, collect
+
+
+@dataclasses.dataclass(frozen=True)
+class ProMPConfig(SamplingConfig):
+    """ProMP hyperparameters; defaults are the reference runs' (ALGORITHMS.md §1)."""
+
+    outer_lr: float = field(1e-3, **positive())
+    promp_steps: int = field(5, **at_least(1))
+    clip_eps: float = field(0.3, **positive())
+    kl_coeff: float = field(5e-4, **at_least(0.0))
+    adaptive_kl: bool = False
+    kl_target: float = field(0.01, **positive())
+
+
+@flax.struct.dataclass
+class ProMPState:
+    params: dict  # θ, the meta-policy
+    opt_state: optax.OptState  # Adam's moments persist across iterations
+    kl_coeffs: jax.Array  # [K], one c_k per inner step
+    key: jax.Array
+    iteration: jax.Array
+
+
+def adapt_kl_coeffs(kl_coeffs: jax.Array, kls: jax.Array, kl_target: float) -> jax.Array:
+    """ProMP's adaptive rule, per inner step k: halve c_k if KL_k < target / 1.5,
+    double it if KL_k > 1.5 · target, else keep it."""
+    kl_coeffs = jnp.where(kls < kl_target / 1.5, kl_coeffs / 2.0, kl_coeffs)
+    return jnp.where(kls > kl_target * 1.5, kl_coeffs * 2.0, kl_coeffs)
+
+
+def broadcast_to_tasks(params, num_tasks: int):
+    return jax.tree.map(lambda x: jnp.broadcast_to(x, (num_tasks,) + x.shape), params)
+
+
+def sample_adaptation_phases(env: TaskEnv, policy: GaussianPolicy, config: SamplingConfig,
+                             theta, tasks, key: jax.Array, inner_loss=lvc_inner_loss):
+    """Inner adaptation with fresh episodes at every step, shared by the MAML family.
+
+    For k = 0..K-1: sample a batch with φ_k (φ_0 = θ), compute its advantages, and set
+    φ_{k+1} = φ_k − α ∇ L_in(φ_k). Then sample the post-update batch with φ_K.
+
+    Returns:
+      (pre_batches with leading axes [K, M], post_batch [M], adapted params φ_K [M]).
+    """
+    num_tasks = jax.tree.leaves(tasks)[0].shape[0]
+
+    def sample_phase(params, phase_key):
+        batch = collect(env, policy, params, tasks, phase_key, config.episodes_per_task,
+                        config.horizon)
+        return process_phase(batch, config.discount, config.gae_lambda,
+                             config.normalize_advantages)
+
+    def inner_phase(params, phase_key):
+        batch = sample_phase(params, phase_key)
+        adapted = jax.vmap(inner_update, in_axes=(None, None, 0, 0, None))(
+            inner_loss, policy, params, batch, config.inner_lr)
+        return adapted, batch
+
+    phase_keys = jax.random.split(key, config.inner_steps + 1)
+    adapted, pre_batches = jax.lax.scan(inner_phase, broadcast_to_tasks(theta, num_tasks),
+                                        phase_keys[:-1])
+    post_batch = sample_phase(adapted, phase_keys[-1])
+    return pre_batches, post_batch, adapted
+
+
+def phase_returns(pre_batches: Trajectories, post_batch: Trajectories) -> dict:
+    """Mean undiscounted episode return of every phase: pre (θ), after each step, post."""
+    metrics = {"pre_return": jnp.mean(pre_batches.episode_returns()[0]),
+               "post_return": jnp.mean(post_batch.episode_returns())}
+    num_inner = pre_batches.rewards.shape[0]
+    for k in range(1, num_inner):
+        metrics[f"return_after_step_{k}"] = jnp.mean(pre_batches.episode_returns()[k])
+    return metrics
+
+
+class ProMP:
+    """Builds ProMP's state and its jittable `meta_iteration(state) -> (state, metrics)`."""
+
+    name = "promp"
+    config_class = ProMPConfig
+
+    def __init__(self, config: ProMPConfig, env: TaskEnv, policy: GaussianPolicy):
+        if config.horizon is None:
+            config = dataclasses.replace(config, horizon=env.horizon)
+        self.config = config
+        self.env = env
+        self.policy = policy
+        self.optimizer = optax.adam(config.outer_lr, b1=0.9, b2=0.999, eps=1e-8)
+
+    @property
+    def env_steps_per_iteration(self) -> int:
+        c = self.config
+        return c.meta_batch_size * c.episodes_per_task * c.horizon * (c.inner_steps + 1)
+
+    def init(self, key: jax.Array) -> ProMPState:
+        init_key, key = jax.random.split(key)
+        params = self.policy.init(init_key)
+        return ProMPState(
+            params=params,
+            opt_state=self.optimizer.init(params),
+            kl_coeffs=jnp.full((self.config.inner_steps,), self.config.kl_coeff, jnp.float32),
+            key=key,
+            iteration=jnp.zeros((), jnp.int32))
+
+    def meta_loss(self, theta, pre_batches: Trajectories, post_batch: Trajectories,
+                  kl_coeffs: jax.Array):
+        """The meta-batch ProMP loss: the per-task outer loss averaged over tasks.
+
+        `pre_batches` has leading axes [K, M]; `post_batch` [M].
+        """
+        c = self.config
+        pre_by_task = jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), pre_batches)
+        losses, aux = jax.vmap(promp_outer_loss, in_axes=(None, None, 0, 0, None, None, None))(
+            self.policy, theta, pre_by_task, post_batch, kl_coeffs, c.inner_lr, c.clip_eps)
+        return jnp.mean(losses), jax.tree.map(lambda x: jnp.mean(x, axis=0), aux)
+
+    def meta_iteration(self, state: ProMPState):
+        c = self.config
+        key, task_key, sample_key = jax.random.split(state.key, 3)
+        tasks = self.env.sample_tasks(task_key, c.meta_batch_size)
+
+        # 1. Sampling and inner adaptation, fresh episodes for every step.
+        pre_batches, post_batch, _ = sample_adaptation_phases(
+            self.env, self.policy, c, state.params, tasks, sample_key)
+
+        # 2. P full-batch Adam steps on the same data, each re-deriving φ_k(θ).
+        def outer_step(carry, _):
+            theta, opt_state = carry
+            (loss, aux), grads = jax.value_and_grad(self.meta_loss, has_aux=True)(
+                theta, pre_batches, post_batch, state.kl_coeffs)
+            updates, opt_state = self.optimizer.update(grads, opt_state, theta)
+            return (optax.apply_updates(theta, updates), opt_state), (loss, aux)
+
+        (theta, opt_state), (losses, aux) = jax.lax.scan(
+            outer_step, (state.params, state.opt_state), None, length=c.promp_steps)
+
+        # 3. KL coefficients from the KLs of the last outer step (as the reference code).
+        last_kls = aux["kls"][-1]
+        kl_coeffs = (adapt_kl_coeffs(state.kl_coeffs, last_kls, c.kl_target)
+                     if c.adaptive_kl else state.kl_coeffs)
+
+        metrics = phase_returns(pre_batches, post_batch)
+        metrics.update(
+            outer_loss_first=losses[0],
+            outer_loss=losses[-1],
+            surrogate=aux["surrogate"][-1],
+            clip_fraction=aux["clip_fraction"][-1],
+            kl=last_kls,
+            kl_coeff=state.kl_coeffs,
+            policy_std=jnp.mean(jnp.exp(theta["params"]["log_std"])),
+        )
+        new_state = ProMPState(params=theta, opt_state=opt_state, kl_coeffs=kl_coeffs,
+                               key=key, iteration=state.iteration + 1)
+        return new_state, metrics

@@ -1,0 +1,86 @@
+"""The task-distribution interface every environment implements.
+
+A task is data: a small pytree (a goal, a direction, a target velocity) sampled with
+`jax.random` inside the compiled program and passed explicitly to `reset` and `step`.
+Nothing about the task lives in a Python attribute, where it would be baked into the
+compiled program as a constant and shared by every vmapped copy.
+
+Environments take the *policy's* action in `step` and convert it to what the simulator
+receives themselves (the locomotion tasks divide by 10 and clip to ±1, point-nav clips
+to ±0.1), so the rollout code never needs to know which task it is running.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+Task = Any  # a pytree of arrays
+
+
+@flax.struct.dataclass
+class EnvState:
+    """What the rollout needs to see after `reset` or `step`.
+
+    Attributes:
+      obs: observation after the transition, shape (observation_size,).
+      reward: reward of the transition that led here (0 after `reset`).
+      done: 1.0 when the episode ended with this transition, else 0.0.
+      physics: the simulator's own state (a Brax `State`, a position, ...).
+    """
+
+    obs: jax.Array
+    reward: jax.Array
+    done: jax.Array
+    physics: Any
+
+
+class TaskEnv(abc.ABC):
+    """A distribution of tasks sharing dynamics, observation and action spaces.
+
+    Subclasses set `name`, `observation_size`, `action_size`, `horizon` (the default
+    episode length of the published setting) and `task_distribution` (one line for
+    `metarl envs`).
+    """
+
+    name: str
+    observation_size: int
+    action_size: int
+    horizon: int
+    task_distribution: str
+    backend: str | None = None
+
+    @abc.abstractmethod
+    def sample_tasks(self, key: jax.Array, num_tasks: int) -> Task:
+        """Draws `num_tasks` tasks; every leaf gets a leading axis of that size."""
+
+    @abc.abstractmethod
+    def reset(self, key: jax.Array, task: Task) -> EnvState:
+        """Starts one episode of `task` (a single task, no leading axis)."""
+
+    @abc.abstractmethod
+    def step(self, state: EnvState, action: jax.Array, task: Task) -> EnvState:
+        """Applies the policy's raw `action` (scaling and clipping happen here)."""
+
+    def describe(self) -> dict:
+        return {
+            "name": self.name,
+            "observation_size": self.observation_size,
+            "action_size": self.action_size,
+            "horizon": self.horizon,
+            "tasks": self.task_distribution,
+        }
+
+
+def scale_locomotion_action(action: jax.Array, action_scale: float = 10.0) -> jax.Array:
+    """Maps a policy action from the ±`action_scale` box to the simulator's ±1 box.
+
+    The ProMP / rllab convention: the Gaussian policy samples in a box of ±10 and the
+    environment receives `clip(a / 10, -1, 1)`. With it, the reference inner step
+    α = 0.1 and initial std 1 behave as in the papers; without it they do not.
+    """
+    return jnp.clip(action / action_scale, -1.0, 1.0)

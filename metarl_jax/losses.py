@@ -1,0 +1,104 @@
+"""Pure objectives of the meta-learners: functions of (params, batch, hyperparameters).
+
+Each takes the (hashable) policy first, so `jax.jit(functools.partial(loss, policy))`
+gives a standalone compiled loss, and a batch of `Trajectories` for ONE task ([N, H]
+leading axes; vmap over tasks). Averages run over the real (unmasked) steps.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from metarl_jax.policies import GaussianPolicy, gaussian_kl
+from metarl_jax.rollout import Trajectories
+
+
+def masked_mean(values: jax.Array, masks: jax.Array) -> jax.Array:
+    return jnp.sum(values * masks) / jnp.maximum(jnp.sum(masks), 1.0)
+
+
+def likelihood_ratio(policy: GaussianPolicy, params, batch: Trajectories) -> jax.Array:
+    """r = exp(log π_params(a|s) − logp_old(a|s)), with `logp_old` the stored constant."""
+    log_probs = policy.log_prob(params, batch.observations, batch.actions)
+    return jnp.exp(log_probs - batch.log_probs)
+
+
+def lvc_inner_loss(policy: GaussianPolicy, params, batch: Trajectories) -> jax.Array:
+    """ProMP's low-variance-curvature ("likelihood ratio") inner loss, ALGORITHMS.md §1:
+
+        L_in(φ) = − mean_{(s,a)} [ exp(log π_φ(a|s) − logp_old(a|s)) · Â ]
+
+    `logp_old` is the stored log-likelihood of the sampling policy, not
+    sg(log π_φ): at φ = sampling policy the ratio is 1 and the gradient is the plain
+    policy gradient, yet the Hessian through the ratio keeps the H1 + H2 terms.
+    """
+    ratio = likelihood_ratio(policy, params, batch)
+    return -masked_mean(ratio * batch.advantages, batch.masks)
+
+
+def promp_clipped_objective(policy: GaussianPolicy, params, batch: Trajectories,
+                            clip_eps: float) -> tuple[jax.Array, jax.Array]:
+    """PPO's clipped surrogate on post-update samples (ALGORITHMS.md §1, to be *maximised*):
+
+        mean_{(s',a')} min(r Â', clip(r, 1 − ε, 1 + ε) Â'),
+        r = exp(log π_φK(a'|s') − logp_old'(a'|s')).
+
+    Returns (objective, clip fraction: the share of real steps with |r − 1| > ε).
+    """
+    ratio = likelihood_ratio(policy, params, batch)
+    unclipped = ratio * batch.advantages
+    clipped = jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps) * batch.advantages
+    objective = masked_mean(jnp.minimum(unclipped, clipped), batch.masks)
+    clip_fraction = masked_mean((jnp.abs(ratio - 1.0) > clip_eps).astype(ratio.dtype),
+                                batch.masks)
+    return objective, clip_fraction
+
+
+def mean_kl_from_sampler(policy: GaussianPolicy, params, batch: Trajectories) -> jax.Array:
+    """mean over the batch's states of KL(π_old(·|s) ‖ π_params(·|s)), closed form.
+
+    π_old is the stored sampling distribution (`means`, `log_stds`), a constant.
+    """
+    mean, log_std = policy.distribution(params, batch.observations)
+    kl = gaussian_kl(batch.means, batch.log_stds, mean, log_std)
+    return masked_mean(kl, batch.masks)
+
+
+def inner_update(inner_loss, policy: GaussianPolicy, params, batch: Trajectories,
+                 inner_lr: float):
+    """One plain gradient step φ' = φ − α ∇_φ L_in(φ; batch), differentiable in φ."""
+    grads = jax.grad(inner_loss, argnums=1)(policy, params, batch)
+    return jax.tree.map(lambda p, g: p - inner_lr * g, params, grads)
+
+
+def promp_outer_loss(policy: GaussianPolicy, theta, pre_batches: Trajectories,
+                     post_batch: Trajectories, kl_coeffs: jax.Array, inner_lr: float,
+                     clip_eps: float):
+    """ProMP's outer loss for ONE task (ALGORITHMS.md §1), minimised over θ:
+
+        − mean( min(r Â', clip(r, 1−ε, 1+ε) Â') ) + mean_k c_k · KL_k(θ)
+        KL_k = mean_s KL(π_old_k(·|s) ‖ π_{φ_k(θ)}(·|s)),   φ_0 = θ,
+        φ_{k+1}(θ) = φ_k(θ) − α ∇ L_in(φ_k(θ); batch_k)      (LVC inner loss)
+
+    The adapted parameters are re-derived from θ on the stored pre-update batches, so
+    the gradient flows through the inner steps (second order). The meta-batch average
+    of this loss is the full ProMP objective because both terms are linear in the
+    per-task quantities.
+
+    Args:
+      pre_batches: the K inner-phase batches of this task, leading axis K.
+      post_batch: the post-update batch, sampled with φ_K.
+      kl_coeffs: [K] penalty coefficients c_k.
+    Returns:
+      (loss, aux) with aux = {"surrogate", "kls" [K], "clip_fraction"}.
+    """
+
+    def adapt(params, batch):
+        kl = mean_kl_from_sampler(policy, params, batch)
+        return inner_update(lvc_inner_loss, policy, params, batch, inner_lr), kl
+
+    adapted, kls = jax.lax.scan(adapt, theta, pre_batches)
+    surrogate, clip_fraction = promp_clipped_objective(policy, adapted, post_batch, clip_eps)
+    loss = -surrogate + jnp.mean(kl_coeffs * kls)
+    return loss, {"surrogate": surrogate, "kls": kls, "clip_fraction": clip_fraction}

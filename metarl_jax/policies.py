@@ -1,0 +1,96 @@
+"""The Gaussian MLP policy of ALGORITHMS.md §0 and diagonal-Gaussian helpers.
+
+Parameters are a plain pytree (`{"params": {...}}` from flax), so inner adaptation is
+ordinary arithmetic on pytrees and every leaf, `log_std` included, is adapted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+LOG_2PI = math.log(2.0 * math.pi)
+
+
+class _GaussianMLP(nn.Module):
+    hidden_sizes: Sequence[int]
+    action_size: int
+    activation: str = "tanh"
+
+    @nn.compact
+    def __call__(self, obs):
+        act = {"tanh": jnp.tanh, "relu": nn.relu}[self.activation]
+        x = obs
+        for width in self.hidden_sizes:
+            x = act(nn.Dense(width, kernel_init=nn.initializers.glorot_uniform(),
+                             bias_init=nn.initializers.zeros)(x))
+        mean = nn.Dense(self.action_size, kernel_init=nn.initializers.glorot_uniform(),
+                        bias_init=nn.initializers.zeros)(x)
+        # State-independent log standard deviation, learned and adapted like any weight.
+        log_std = self.param("log_std", nn.initializers.zeros, (self.action_size,))
+        return mean, jnp.broadcast_to(log_std, mean.shape)
+
+
+@dataclasses.dataclass(frozen=True)
+class GaussianPolicy:
+    """Diagonal-Gaussian policy with an MLP mean and a learned state-independent std.
+
+    Hashable, so it can be closed over or passed as a static argument under `jit`.
+    """
+
+    observation_size: int
+    action_size: int
+    hidden_sizes: tuple[int, ...] = (64, 64)
+    activation: str = "tanh"
+
+    @property
+    def network(self) -> _GaussianMLP:
+        return _GaussianMLP(tuple(self.hidden_sizes), self.action_size, self.activation)
+
+    def init(self, key: jax.Array):
+        return self.network.init(key, jnp.zeros((self.observation_size,)))
+
+    def distribution(self, params, obs: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Returns (mean, log_std), each shaped like `obs[..., :action_size]`."""
+        return self.network.apply(params, obs)
+
+    def log_prob(self, params, obs: jax.Array, action: jax.Array) -> jax.Array:
+        mean, log_std = self.distribution(params, obs)
+        return gaussian_log_prob(mean, log_std, action)
+
+    def sample(self, params, obs: jax.Array, key: jax.Array):
+        """Returns (action, log_prob, mean, log_std) for one draw per observation."""
+        mean, log_std = self.distribution(params, obs)
+        action = mean + jnp.exp(log_std) * jax.random.normal(key, mean.shape, mean.dtype)
+        return action, gaussian_log_prob(mean, log_std, action), mean, log_std
+
+
+def gaussian_log_prob(mean, log_std, action):
+    """log N(action; mean, diag(exp(log_std)²)), *summed* over the action dimensions.
+
+    The sum (not the mean) is the reference definition; averaging would silently divide
+    the effective inner step size by the action dimension.
+    """
+    z = (action - mean) * jnp.exp(-log_std)
+    return jnp.sum(-0.5 * z ** 2 - log_std - 0.5 * LOG_2PI, axis=-1)
+
+
+def gaussian_kl(mean_p, log_std_p, mean_q, log_std_q):
+    """KL(p ‖ q) between diagonal Gaussians, closed form, summed over action dimensions:
+
+        Σ_j [ log σ_q/σ_p + (σ_p² + (μ_p − μ_q)²) / (2 σ_q²) − 1/2 ]
+    """
+    var_p = jnp.exp(2.0 * log_std_p)
+    var_q = jnp.exp(2.0 * log_std_q)
+    return jnp.sum(log_std_q - log_std_p + (var_p + (mean_p - mean_q) ** 2) / (2.0 * var_q)
+                   - 0.5, axis=-1)
+
+
+def gaussian_entropy(log_std):
+    """Differential entropy of a diagonal Gaussian, summed over action dimensions."""
+    return jnp.sum(log_std + 0.5 * (LOG_2PI + 1.0), axis=-1)
