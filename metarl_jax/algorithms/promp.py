@@ -63,27 +63,27 @@ def sample_adaptation_phases(env: TaskEnv, policy: GaussianPolicy, config: Sampl
     φ_{k+1} = φ_k − α ∇ L_in(φ_k). Then sample the post-update batch with φ_K.
 
     Returns:
-      (pre_batches with leading axes [K, M], post_batch [M], adapted params φ_K [M]).
+      (pre_batches with leading axes [K, M], post_batch [M]).
     """
     num_tasks = jax.tree.leaves(tasks)[0].shape[0]
 
-    def sample_phase(params, phase_key):
+    def inner_phase(params, phase_key):
         batch = collect(env, policy, params, tasks, phase_key, config.episodes_per_task,
                         config.horizon)
-        return process_phase(batch, config.discount, config.gae_lambda,
-                             config.normalize_advantages)
-
-    def inner_phase(params, phase_key):
-        batch = sample_phase(params, phase_key)
+        batch = process_phase(batch, config.discount, config.gae_lambda,
+                              config.normalize_advantages)
         adapted = jax.vmap(inner_update, in_axes=(None, None, 0, 0, None))(
             inner_loss, policy, params, batch, config.inner_lr)
         return adapted, batch
 
+    # One scan over all K + 1 phases, so the rollout is traced and compiled once (for
+    # Brax bodies that halves compile time); the step taken on the post-update batch is
+    # discarded.
     phase_keys = jax.random.split(key, config.inner_steps + 1)
-    adapted, pre_batches = jax.lax.scan(inner_phase, broadcast_to_tasks(theta, num_tasks),
-                                        phase_keys[:-1])
-    post_batch = sample_phase(adapted, phase_keys[-1])
-    return pre_batches, post_batch, adapted
+    _, batches = jax.lax.scan(inner_phase, broadcast_to_tasks(theta, num_tasks), phase_keys)
+    pre_batches = jax.tree.map(lambda x: x[:-1], batches)
+    post_batch = jax.tree.map(lambda x: x[-1], batches)
+    return pre_batches, post_batch
 
 
 def phase_returns(pre_batches: Trajectories, post_batch: Trajectories) -> dict:
@@ -143,7 +143,7 @@ class ProMP:
         tasks = self.env.sample_tasks(task_key, c.meta_batch_size)
 
         # 1. Sampling and inner adaptation, fresh episodes for every step.
-        pre_batches, post_batch, _ = sample_adaptation_phases(
+        pre_batches, post_batch = sample_adaptation_phases(
             self.env, self.policy, c, state.params, tasks, sample_key)
 
         # 2. P full-batch Adam steps on the same data, each re-deriving φ_k(θ).

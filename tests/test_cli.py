@@ -1,0 +1,111 @@
+"""End to end through the `metarl` command line."""
+
+import json
+import pathlib
+import time
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from metarl_jax import trainer
+from metarl_jax.cli import EXIT_CONFIG_ERROR, main
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args):
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+def read_metrics(run_dir):
+    with open(run_dir / "metrics.jsonl") as f:
+        return [json.loads(line) for line in f]
+
+
+def test_default_experiment_file_matches_embedded_default():
+    with open(REPO / "experiments" / "promp_point_nav.yaml") as f:
+        from_file = trainer.resolve_config(yaml.safe_load(f))
+    assert from_file == trainer.resolve_config(trainer.DEFAULT_EXPERIMENT)
+    assert from_file.algorithm.meta_batch_size == 20
+    assert from_file.algorithm.episodes_per_task == 20
+    assert from_file.algorithm.horizon == 100
+
+
+def test_short_point_nav_run_improves_post_return(tmp_path):
+    out = tmp_path / "run"
+    result = run_cli("train", "--algo", "promp", "--env", "point-nav", "--iterations", "12",
+                     "--seed", "0", "--out", str(out), "--quiet")
+    assert result.exit_code == 0, result.output
+    records = read_metrics(out)
+    assert [r["iteration"] for r in records] == list(range(1, 13))
+    steps_per_iteration = 20 * 20 * 100 * 2
+    assert [r["env_steps"] for r in records] == [steps_per_iteration * i for i in range(1, 13)]
+    for key in ("time_s", "pre_return", "post_return", "outer_loss", "kl_0", "kl_coeff_0",
+                "clip_fraction"):
+        assert key in records[0]
+    first = records[0]["post_return"]
+    last = sum(r["post_return"] for r in records[-3:]) / 3
+    assert last > first + 10.0, (first, last)
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["iterations"] == 12 and saved["env"]["name"] == "point-nav"
+    assert saved["clip_eps"] == 0.3 and saved["hidden_sizes"] == [64, 64]
+
+
+@pytest.mark.parametrize("env_name", ["halfcheetah-dir", "halfcheetah-vel", "ant-dir"])
+def test_one_iteration_of_each_brax_task(tmp_path, env_name):
+    out = tmp_path / env_name
+    result = run_cli("train", "--env", env_name, "--iterations", "1", "--out", str(out),
+                     "--quiet", "--set", "meta_batch_size=2", "--set", "episodes_per_task=2",
+                     "--set", "horizon=8", "--set", "promp_steps=2")
+    assert result.exit_code == 0, result.output
+    (record,) = read_metrics(out)
+    assert record["env_steps"] == 2 * 2 * 8 * 2
+    assert all(isinstance(v, (int, float)) for v in record.values())
+    if env_name == "ant-dir":
+        # +1 survive bonus per real step, small control cost, short episodes
+        assert -8 < record["pre_return"] < 20
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--algo", "nope"], "algo: unknown algorithm 'nope'; allowed: promp"),
+    (["--env", "nope"], "env.name: unknown environment 'nope'; allowed: ant-dir"),
+    (["--set", "inner_lr=fast"], "inner_lr: expected float, got 'fast'"),
+    (["--set", "meta_batch_size=0"], "meta_batch_size: 0 not allowed; expected >= 1"),
+    (["--set", "hidden_sizes=[64, 0]"], "hidden_sizes"),
+    (["--set", "env.backend=warp"], "env.backend: 'warp' not allowed; expected one of"),
+    (["--set", "learning_rate=0.1"], "unknown key 'learning_rate'"),
+    (["--set", "adaptive_kl=maybe"], "adaptive_kl: expected bool"),
+    (["--set", "noequals"], "--set expects KEY=VALUE"),
+    (["--config", "/nonexistent.yaml"], "cannot read /nonexistent.yaml"),
+])
+def test_configuration_errors_fail_fast_with_one_line(tmp_path, args, message):
+    start = time.perf_counter()
+    result = CliRunner().invoke(main, ["train", "--out", str(tmp_path / "x"), *args])
+    assert result.exit_code == EXIT_CONFIG_ERROR
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.output
+    assert time.perf_counter() - start < 5.0  # nothing was compiled
+    assert not (tmp_path / "x" / "metrics.jsonl").exists()
+
+
+def test_existing_run_is_not_overwritten_without_force(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text("precious\n")
+    result = CliRunner().invoke(main, ["train", "--out", str(out), "--iterations", "1"])
+    assert result.exit_code == EXIT_CONFIG_ERROR
+    assert "--force" in result.output
+    assert (out / "metrics.jsonl").read_text() == "precious\n"
+
+
+def test_envs_lists_every_environment():
+    result = run_cli("envs")
+    assert result.exit_code == 0
+    lines = result.output.strip().splitlines()
+    assert lines[0].split()[:4] == ["name", "obs", "act", "horizon"]
+    rows = {line.split()[0]: line.split()[1:4] for line in lines[1:]}
+    assert rows["point-nav"] == ["2", "2", "100"]
+    assert rows["halfcheetah-dir"] == ["17", "6", "100"]
+    assert rows["halfcheetah-vel"] == ["17", "6", "100"]
+    assert rows["ant-dir"] == ["27", "8", "100"]
