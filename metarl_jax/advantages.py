@@ -13,18 +13,26 @@ import jax.numpy as jnp
 from metarl_jax.rollout import Trajectories
 
 
+def discount_matrix(horizon: int, factor: float, dtype=jnp.float32) -> jax.Array:
+    """Upper-triangular [H, H] matrix D[t, t'] = factor^(t' − t) for t' ≥ t, else 0.
+
+    `x @ D.T` is the discounted reverse cumulative sum Σ_{t' ≥ t} factor^(t'−t) x_{t'}:
+    one small matmul instead of a sequential scan over the horizon (H ≤ a few hundred).
+    """
+    steps = jnp.arange(horizon)
+    lag = steps[None, :] - steps[:, None]
+    return jnp.where(lag >= 0, jnp.asarray(factor, dtype) ** jnp.maximum(lag, 0), 0.0
+                     ).astype(dtype)
+
+
 def discounted_returns(rewards: jax.Array, masks: jax.Array, discount: float) -> jax.Array:
-    """Reward-to-go G_t = Σ_{t' ≥ t} γ^{t'-t} r_{t'} over real steps; [..., H] → [..., H]."""
+    """Reward-to-go G_t = Σ_{t' ≥ t} γ^{t'-t} r_{t'} over real steps; [..., H] → [..., H].
 
-    def backward(carry, inputs):
-        reward, mask = inputs
-        carry = mask * (reward + discount * carry)
-        return carry, carry
-
-    step_major = (jnp.moveaxis(rewards, -1, 0), jnp.moveaxis(masks, -1, 0))
-    _, returns = jax.lax.scan(backward, jnp.zeros(rewards.shape[:-1], rewards.dtype),
-                              step_major, reverse=True)
-    return jnp.moveaxis(returns, 0, -1)
+    Masked steps contribute nothing and get G = 0 (an ended episode's later steps are
+    all masked, so no real step sees past the end).
+    """
+    weights = discount_matrix(rewards.shape[-1], discount, rewards.dtype)
+    return masks * ((rewards * masks) @ weights.T)
 
 
 def baseline_features(observations: jax.Array) -> jax.Array:
@@ -81,22 +89,14 @@ def generalized_advantages(rewards: jax.Array, values: jax.Array, masks: jax.Arr
                            discount: float, gae_lambda: float) -> jax.Array:
     """GAE (Schulman et al. 2016), the value after the last real step taken as 0:
 
-        δ_t = r_t + γ V(s_{t+1}) m_{t+1} − V(s_t),   Â_t = δ_t + γλ m_{t+1} Â_{t+1}.
+        δ_t = r_t + γ V(s_{t+1}) m_{t+1} − V(s_t),   Â_t = Σ_{l ≥ 0} (γλ)^l δ_{t+l} m_{t+l}.
     With λ = 1 this is G_t − V(s_t).
     """
     next_masks = jnp.concatenate([masks[..., 1:], jnp.zeros_like(masks[..., :1])], axis=-1)
     next_values = jnp.concatenate([values[..., 1:], jnp.zeros_like(values[..., :1])], axis=-1)
-    deltas = rewards + discount * next_values * next_masks - values
-
-    def backward(carry, inputs):
-        delta, mask, next_mask = inputs
-        carry = mask * (delta + discount * gae_lambda * next_mask * carry)
-        return carry, carry
-
-    step_major = tuple(jnp.moveaxis(a, -1, 0) for a in (deltas, masks, next_masks))
-    _, advantages = jax.lax.scan(backward, jnp.zeros(rewards.shape[:-1], rewards.dtype),
-                                 step_major, reverse=True)
-    return jnp.moveaxis(advantages, 0, -1)
+    deltas = (rewards + discount * next_values * next_masks - values) * masks
+    weights = discount_matrix(rewards.shape[-1], discount * gae_lambda, rewards.dtype)
+    return masks * (deltas @ weights.T)
 
 
 def normalize(advantages: jax.Array, masks: jax.Array, eps: float = 1e-8) -> jax.Array:

@@ -155,7 +155,7 @@ def _run_brax(env, tasks, actions, compare_raw):
         def body(state, action):
             stepped = jax.vmap(env.step, in_axes=(None, None, 0))(state, action, tasks)
             out = dict(x_before=state.physics.pipeline_state.x.pos[0, 0],
-                       x_after=stepped.physics.pipeline_state.x.pos[0, 0],
+                       x_after=stepped.physics.pipeline_state.x.pos[:, 0, 0],  # [tasks]
                        rewards=stepped.reward, done=stepped.done,
                        q=stepped.physics.pipeline_state.q,
                        qd=stepped.physics.pipeline_state.qd,

@@ -1,0 +1,126 @@
+"""Times one ProMP meta-iteration (after compilation) and the rollouts alone at the same
+batch, prints a table and appends it to benchmarks/RESULTS.md with the machine named.
+
+    python benchmarks/promp_iteration.py                      # both default settings
+    python benchmarks/promp_iteration.py --settings point-nav --repeats 20
+    python benchmarks/promp_iteration.py --backend spring     # Brax backend for Brax tasks
+
+The rollout-only figure samples the same K + 1 phases of M·N·H steps with the same
+policy network and no learning: it is the floor a meta-iteration cannot go under.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import pathlib
+import platform
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+
+from metarl_jax.algorithms.promp import ProMP, ProMPConfig, broadcast_to_tasks
+from metarl_jax.envs import make_env
+from metarl_jax.policies import GaussianPolicy
+from metarl_jax.rollout import collect
+
+SETTINGS = {
+    # name: (env, M, N, H)
+    "point-nav": ("point-nav", 20, 20, 100),
+    "halfcheetah-dir": ("halfcheetah-dir", 40, 20, 100),
+}
+RESULTS = pathlib.Path(__file__).resolve().parent / "RESULTS.md"
+
+
+def machine_description() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    device = jax.devices()[0]
+    return (f"{cpu}, {os.cpu_count()} cores; JAX {jax.__version__} on "
+            f"{device.platform.upper()} ({getattr(device, 'device_kind', device.platform)})")
+
+
+def timed(fn, *args, repeats: int):
+    """(first-call seconds including compilation, median seconds of later calls)."""
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    first = time.perf_counter() - start
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        samples.append(time.perf_counter() - start)
+    return first, statistics.median(samples)
+
+
+def bench_setting(name: str, backend: str, repeats: int) -> dict:
+    env_name, meta_batch, episodes, horizon = SETTINGS[name]
+    env = make_env(env_name, backend=backend, horizon=horizon)
+    config = ProMPConfig(meta_batch_size=meta_batch, episodes_per_task=episodes,
+                         horizon=horizon)
+    policy = GaussianPolicy(env.observation_size, env.action_size, config.hidden_sizes)
+    algorithm = ProMP(config, env, policy)
+    state = algorithm.init(jax.random.PRNGKey(0))
+
+    meta_iteration = jax.jit(algorithm.meta_iteration)
+    compile_and_first, per_iteration = timed(lambda s: meta_iteration(s)[1], state,
+                                             repeats=repeats)
+
+    @jax.jit
+    def rollouts_only(params, key):
+        tasks = env.sample_tasks(key, meta_batch)
+        per_task = broadcast_to_tasks(params, meta_batch)
+
+        def phase(carry, phase_key):
+            batch = collect(env, policy, per_task, tasks, phase_key, episodes, horizon)
+            return carry, jnp.sum(batch.rewards)
+
+        return jax.lax.scan(phase, 0.0, jax.random.split(key, config.inner_steps + 1))[1]
+
+    _, rollout_time = timed(rollouts_only, state.params, jax.random.PRNGKey(1),
+                            repeats=repeats)
+    steps = algorithm.env_steps_per_iteration
+    return {"setting": f"{name} (M={meta_batch}, N={episodes}, H={horizon})",
+            "backend": env.backend or "-", "compile_s": compile_and_first,
+            "iteration_s": per_iteration, "rollout_s": rollout_time,
+            "steps_per_s": steps / per_iteration,
+            "rollout_share": rollout_time / per_iteration}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=SETTINGS)
+    parser.add_argument("--backend", default="generalized")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--no-record", action="store_true",
+                        help="print only; do not append to RESULTS.md")
+    args = parser.parse_args()
+
+    rows = [bench_setting(name, args.backend, args.repeats) for name in args.settings]
+    header = ("| setting | backend | first call incl. compile (s) | s / meta-iteration | "
+              "rollouts alone (s) | rollout share | env steps / s |\n"
+              "|---|---|---|---|---|---|---|")
+    lines = [f"| {r['setting']} | {r['backend']} | {r['compile_s']:.1f} | "
+             f"{r['iteration_s']:.3f} | {r['rollout_s']:.3f} | {r['rollout_share']:.0%} | "
+             f"{r['steps_per_s']:,.0f} |" for r in rows]
+    table = "\n".join([header, *lines])
+    print(table)
+    if not args.no_record:
+        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        with open(RESULTS, "a") as f:
+            f.write(f"\n### ProMP meta-iteration, {stamp}\n\nMachine: {machine_description()}. "
+                    f"Median of {args.repeats} calls after the first.\n\n{table}\n")
+
+
+if __name__ == "__main__":
+    main()

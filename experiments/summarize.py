@@ -1,0 +1,46 @@
+"""Summarise runs: mean pre/post-update return over an iteration window, per run and
+across runs, as a Markdown table.
+
+    python experiments/summarize.py runs/promp_point_nav_seed* --first 80 --last 100
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import statistics
+
+
+def window_means(run_dir: pathlib.Path, first: int, last: int) -> dict:
+    with open(run_dir / "metrics.jsonl") as f:
+        records = [json.loads(line) for line in f]
+    window = [r for r in records if first <= r["iteration"] <= last]
+    if not window:
+        raise SystemExit(f"{run_dir}: no iterations in [{first}, {last}]")
+    pre = statistics.fmean(r["pre_return"] for r in window)
+    post = statistics.fmean(r["post_return"] for r in window)
+    return {"run": str(run_dir), "pre": pre, "post": post, "gain": post - pre,
+            "env_steps": window[-1]["env_steps"], "time_s": window[-1]["time_s"]}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", type=pathlib.Path)
+    parser.add_argument("--first", type=int, default=80)
+    parser.add_argument("--last", type=int, default=100)
+    args = parser.parse_args()
+    rows = [window_means(run, args.first, args.last) for run in args.runs]
+    print(f"| run | pre_return | post_return | post − pre | env steps | wall time (s) |\n"
+          f"|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['run']} | {r['pre']:.2f} | {r['post']:.2f} | {r['gain']:.2f} | "
+              f"{r['env_steps']:,} | {r['time_s']:.0f} |")
+    if len(rows) > 1:
+        print(f"| mean of {len(rows)} | {statistics.fmean(r['pre'] for r in rows):.2f} | "
+              f"{statistics.fmean(r['post'] for r in rows):.2f} | "
+              f"{statistics.fmean(r['gain'] for r in rows):.2f} | | |")
+
+
+if __name__ == "__main__":
+    main()
