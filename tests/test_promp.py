@@ -115,7 +115,7 @@ def test_promp_meta_gradient_matches_finite_differences():
 
         # The second-order term is really there: treating the inner steps' displacement
         # φ_K − θ as a constant (first-order MAML) gives a measurably different gradient.
-        pre_by_task = jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), pre_batches)
+        pre_by_task = pre_batches
 
         def adapted_objective(flat, first_order):
             params = unflatten(flat)
@@ -196,7 +196,7 @@ def test_kl_penalty_enters_the_loss(point_nav_batch):
     policy, params, batch = point_nav_batch
     config = ProMPConfig(meta_batch_size=1, episodes_per_task=4, horizon=20, inner_steps=1)
     algorithm = ProMP(config, make_env("point-nav"), policy)
-    pre = jax.tree.map(lambda x: x[None, None], batch)  # [K=1, M=1, ...]
+    pre = jax.tree.map(lambda x: x[None, None], batch)  # [M=1, K=1, ...]
     post = jax.tree.map(lambda x: x[None], batch)
     moved = jax.tree.map(lambda p: p + 0.03, params)
     without, aux = algorithm.meta_loss(moved, pre, post, jnp.zeros(1))

@@ -63,36 +63,42 @@ def sample_adaptation_phases(env: TaskEnv, policy: GaussianPolicy, config: Sampl
     φ_{k+1} = φ_k − α ∇ L_in(φ_k). Then sample the post-update batch with φ_K.
 
     Returns:
-      (pre_batches with leading axes [K, M], post_batch [M]).
+      (pre_batches with leading axes [M, K] (task-major, as the per-task outer losses
+      consume them), post_batch [M]).
     """
     num_tasks = jax.tree.leaves(tasks)[0].shape[0]
 
-    def inner_phase(params, phase_key):
+    def phase(params, inputs):
+        phase_key, is_inner_phase = inputs
         batch = collect(env, policy, params, tasks, phase_key, config.episodes_per_task,
                         config.horizon)
         batch = process_phase(batch, config.discount, config.gae_lambda,
                               config.normalize_advantages)
-        adapted = jax.vmap(inner_update, in_axes=(None, None, 0, 0, None))(
-            inner_loss, policy, params, batch, config.inner_lr)
-        return adapted, batch
+
+        def adapt(params):
+            return jax.vmap(inner_update, in_axes=(None, None, 0, 0, None))(
+                inner_loss, policy, params, batch, config.inner_lr)
+
+        return jax.lax.cond(is_inner_phase, adapt, lambda p: p, params), batch
 
     # One scan over all K + 1 phases, so the rollout is traced and compiled once (for
-    # Brax bodies that halves compile time); the step taken on the post-update batch is
-    # discarded.
+    # Brax bodies that halves compile time); the post-update phase skips the step.
     phase_keys = jax.random.split(key, config.inner_steps + 1)
-    _, batches = jax.lax.scan(inner_phase, broadcast_to_tasks(theta, num_tasks), phase_keys)
-    pre_batches = jax.tree.map(lambda x: x[:-1], batches)
+    is_inner_phase = jnp.arange(config.inner_steps + 1) < config.inner_steps
+    _, batches = jax.lax.scan(phase, broadcast_to_tasks(theta, num_tasks),
+                              (phase_keys, is_inner_phase))
+    pre_batches = jax.tree.map(lambda x: jnp.swapaxes(x[:-1], 0, 1), batches)
     post_batch = jax.tree.map(lambda x: x[-1], batches)
     return pre_batches, post_batch
 
 
 def phase_returns(pre_batches: Trajectories, post_batch: Trajectories) -> dict:
     """Mean undiscounted episode return of every phase: pre (θ), after each step, post."""
-    metrics = {"pre_return": jnp.mean(pre_batches.episode_returns()[0]),
+    phase_means = jnp.mean(pre_batches.episode_returns(), axis=(0, 2))  # [K]
+    metrics = {"pre_return": phase_means[0],
                "post_return": jnp.mean(post_batch.episode_returns())}
-    num_inner = pre_batches.rewards.shape[0]
-    for k in range(1, num_inner):
-        metrics[f"return_after_step_{k}"] = jnp.mean(pre_batches.episode_returns()[k])
+    for k in range(1, phase_means.shape[0]):
+        metrics[f"return_after_step_{k}"] = phase_means[k]
     return metrics
 
 
@@ -129,12 +135,11 @@ class ProMP:
                   kl_coeffs: jax.Array):
         """The meta-batch ProMP loss: the per-task outer loss averaged over tasks.
 
-        `pre_batches` has leading axes [K, M]; `post_batch` [M].
+        `pre_batches` has leading axes [M, K]; `post_batch` [M].
         """
         c = self.config
-        pre_by_task = jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), pre_batches)
         losses, aux = jax.vmap(promp_outer_loss, in_axes=(None, None, 0, 0, None, None, None))(
-            self.policy, theta, pre_by_task, post_batch, kl_coeffs, c.inner_lr, c.clip_eps)
+            self.policy, theta, pre_batches, post_batch, kl_coeffs, c.inner_lr, c.clip_eps)
         return jnp.mean(losses), jax.tree.map(lambda x: jnp.mean(x, axis=0), aux)
 
     def meta_iteration(self, state: ProMPState):
