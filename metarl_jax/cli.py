@@ -1,4 +1,4 @@
-"""The `metarl` command line: `metarl train`, `metarl envs`."""
+"""The `metarl` command line: `metarl train | eval | plot | envs`."""
 
 from __future__ import annotations
 
@@ -25,41 +25,112 @@ def main():
               help="YAML file of configuration keys.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override one key (dotted for sections: env.backend=spring). Repeatable.")
-@click.option("--iterations", type=int, help="Number of meta-iterations.")
+@click.option("--iterations", type=int, help="Number of meta-iterations (the total).")
 @click.option("--seed", type=int, help="Random seed.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False),
-              help="Run directory for config.yaml and metrics.jsonl.")
+              help="Run directory for config.yaml, metrics.jsonl, checkpoints/, tensorboard/.")
+@click.option("--resume", "resume_dir", type=click.Path(file_okay=False),
+              help="Continue the run in this directory from its last checkpoint.")
 @click.option("--force", is_flag=True, help="Overwrite a run already in --out.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def train(algo, env_name, config_path, overrides, iterations, seed, out_dir, force, quiet):
-    """Train a meta-policy; writes OUT/config.yaml and OUT/metrics.jsonl."""
+def train(algo, env_name, config_path, overrides, iterations, seed, out_dir, resume_dir,
+          force, quiet):
+    """Train a meta-policy; writes OUT/config.yaml, OUT/metrics.jsonl, checkpoints and
+    TensorBoard events."""
     from metarl_jax import trainer
 
     try:
-        raw = load_yaml(config_path) if config_path else dict(trainer.DEFAULT_EXPERIMENT)
-        flags = {"algo": algo, "iterations": iterations, "seed": seed}
-        raw = merge(raw, {k: v for k, v in flags.items() if v is not None})
-        if env_name is not None:
-            raw = merge(raw, {"env": {"name": env_name}})
-        raw = merge(raw, parse_overrides(overrides))
-        config = trainer.resolve_config(raw)
-        if out_dir is None:
-            out_dir = os.path.join("runs", f"{config.run.algo}_{config.run.env.name}"
-                                           f"_seed{config.run.seed}")
-        trainer.prepare_output_dir(out_dir, force)
+        if resume_dir is not None:
+            conflicting = [flag for flag, value in (
+                ("--algo", algo), ("--env", env_name), ("--config", config_path),
+                ("--set", overrides), ("--seed", seed), ("--out", out_dir),
+                ("--force", force)) if value]
+            if conflicting:
+                raise ConfigError(f"config: {conflicting[0]}: not allowed with --resume, which "
+                                  "takes the configuration saved in the run "
+                                  "(only --iterations and --quiet may be given)")
+            config = trainer.load_run_config(resume_dir)
+            if iterations is not None:
+                config = trainer.resolve_config({**config.to_dict(), "iterations": iterations})
+            out_dir = resume_dir
+        else:
+            raw = load_yaml(config_path) if config_path else dict(trainer.DEFAULT_EXPERIMENT)
+            flags = {"algo": algo, "iterations": iterations, "seed": seed}
+            raw = merge(raw, {k: v for k, v in flags.items() if v is not None})
+            if env_name is not None:
+                raw = merge(raw, {"env": {"name": env_name}})
+            raw = merge(raw, parse_overrides(overrides))
+            config = trainer.resolve_config(raw)
+            if out_dir is None:
+                out_dir = os.path.join("runs", f"{config.run.algo}_{config.run.env.name}"
+                                               f"_seed{config.run.seed}")
+            trainer.prepare_output_dir(out_dir, force)
     except ConfigError as error:
         click.echo(f"error: {error}", err=True)
         sys.exit(EXIT_CONFIG_ERROR)
 
     try:
-        history = trainer.train(config, out_dir, force=True, progress=not quiet)
+        history = trainer.train(config, out_dir, force=True, resume=resume_dir is not None,
+                                progress=not quiet)
     except trainer.TrainingDiverged as error:
         click.echo(f"error: {error}", err=True)
         sys.exit(EXIT_DIVERGED)
+    except KeyboardInterrupt:
+        click.echo(f"interrupted: the last completed iteration is checkpointed in {out_dir}; "
+                   f"continue with `metarl train --resume {out_dir}`", err=True)
+        sys.exit(130)
+    if not history:
+        click.echo(f"nothing to do: {out_dir} already ran {config.run.iterations} iterations")
+        return
     last = history[-1]
     click.echo(f"done: {last['iteration']} iterations, {last['env_steps']} env steps, "
                f"pre_return {last['pre_return']:.3f}, post_return {last['post_return']:.3f}; "
                f"results in {out_dir}/metrics.jsonl")
+
+
+@main.command(name="eval")
+@click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False),
+              help="Run directory (with checkpoints/).")
+@click.option("--tasks", "num_tasks", type=click.IntRange(min=1), default=40, show_default=True,
+              help="Held-out tasks to adapt on.")
+@click.option("--adapt-steps", type=click.IntRange(min=0),
+              help="Adaptation steps (default: the run's inner_steps).")
+@click.option("--episodes", type=click.IntRange(min=1),
+              help="Episodes per task and step (default: the run's episodes_per_task).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Evaluation seed.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
+              help="Also draw return against adaptation step to this PNG.")
+def eval_command(run_dir, num_tasks, adapt_steps, episodes, seed, plot_path):
+    """Adapt the saved meta-policy on new tasks; writes RUN/eval.json."""
+    from metarl_jax import evaluation
+
+    try:
+        result = evaluation.evaluate(run_dir, num_tasks, adapt_steps, seed, episodes)
+    except (ConfigError, FileNotFoundError) as error:
+        click.echo(f"error: {error}", err=True)
+        sys.exit(EXIT_CONFIG_ERROR)
+    click.echo(evaluation.format_table(result))
+    click.echo(f"written: {os.path.join(run_dir, 'eval.json')}")
+    if plot_path:
+        from metarl_jax.plotting import plot_adaptation
+
+        click.echo(f"written: {plot_adaptation(result, plot_path)}")
+
+
+@main.command()
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(file_okay=False))
+@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False),
+              help="PNG file to write.")
+@click.option("--no-pre", is_flag=True, help="Draw only the post-update return.")
+def plot(run_dirs, out_path, no_pre):
+    """Draw return against environment steps for one or more runs (seeds grouped)."""
+    from metarl_jax.plotting import plot_runs
+
+    try:
+        click.echo(f"written: {plot_runs(list(run_dirs), out_path, show_pre=not no_pre)}")
+    except ConfigError as error:
+        click.echo(f"error: {error}", err=True)
+        sys.exit(EXIT_CONFIG_ERROR)
 
 
 @main.command()

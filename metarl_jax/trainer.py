@@ -8,15 +8,19 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import time
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import yaml
 
 from metarl_jax.algorithms import ALGORITHMS
-from metarl_jax.config import ConfigError, EnvConfig, at_least, build_dataclass, field, to_dict
+from metarl_jax.checkpoints import Checkpointer
+from metarl_jax.config import (ConfigError, EnvConfig, at_least, build_dataclass, field, load_yaml,
+                               to_dict)
 from metarl_jax.envs import ENVIRONMENTS, TaskEnv, env_names, make_env
 from metarl_jax.policies import GaussianPolicy
 
@@ -41,6 +45,10 @@ class RunSettings:
     seed: int = 0
     iterations: int = field(1001, **at_least(1))
     env: EnvConfig = EnvConfig()
+    checkpoint_every: int = field(50, **at_least(1))
+    keep_checkpoints: int = field(3, **at_least(1))
+    # Test-only fault injection: θ is replaced by NaN before this iteration.
+    debug_nan_at_iteration: int | None = field(None, **at_least(1))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,6 +106,15 @@ class TrainingDiverged(RuntimeError):
     """A loss, return or parameter became non-finite."""
 
 
+CHECKPOINT_DIR = "checkpoints"
+TENSORBOARD_DIR = "tensorboard"
+RUN_FILES = ("config.yaml", "metrics.jsonl", CHECKPOINT_DIR, TENSORBOARD_DIR, "eval.json")
+
+
+# Of several non-finite quantities, the error names the first of these that is.
+REPORTED_FIRST = ("outer_loss", "pre_return", "post_return", "nonfinite_params")
+
+
 def flatten_metrics(metrics: dict) -> dict:
     """Device metrics → JSON-ready floats; a [K] array `kl` becomes kl_0 … kl_{K-1}."""
     flat = {}
@@ -112,59 +129,162 @@ def flatten_metrics(metrics: dict) -> dict:
 
 
 def prepare_output_dir(out_dir: str, force: bool) -> None:
+    """Creates `out_dir`; refuses one holding a run unless `force`, which clears it."""
     os.makedirs(out_dir, exist_ok=True)
-    existing = [n for n in ("config.yaml", "metrics.jsonl") if os.path.exists(
-        os.path.join(out_dir, n))]
+    existing = [n for n in RUN_FILES if os.path.exists(os.path.join(out_dir, n))]
     if existing and not force:
         raise ConfigError(f"config: --out: {out_dir} already holds a run ({existing[0]}); "
-                          "choose another directory or pass --force to overwrite it")
+                          "choose another directory, --resume it, or pass --force to "
+                          "overwrite it")
     for name in existing:
-        os.remove(os.path.join(out_dir, name))
+        path = os.path.join(out_dir, name)
+        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+
+
+def load_run_config(run_dir: str) -> RunConfig:
+    path = os.path.join(run_dir, "config.yaml")
+    if not os.path.exists(path):
+        raise ConfigError(f"config: --run/--resume: {run_dir} holds no run (no config.yaml)")
+    return resolve_config(load_yaml(path))
+
+
+def read_metrics(run_dir: str) -> list[dict]:
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    records = []
+    with open(path) as f:
+        for line in f:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut short by a kill
+                break
+    return records
+
+
+def _truncate_metrics(run_dir: str, last_iteration: int) -> None:
+    """Keeps the records up to `last_iteration`: the iterations after the checkpoint
+    are about to be recomputed, identically, and must not appear twice."""
+    kept = [r for r in read_metrics(run_dir) if r["iteration"] <= last_iteration]
+    path = os.path.join(run_dir, "metrics.jsonl")
+    with open(path + ".tmp", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in kept)
+    os.replace(path + ".tmp", path)
+
+
+def _with_finiteness_check(meta_iteration):
+    """Adds the count of non-finite parameter entries to the metrics, in-graph."""
+
+    def checked(state):
+        state, metrics = meta_iteration(state)
+        leaves = jax.tree.leaves(state.params)
+        metrics["nonfinite_params"] = sum(jnp.sum(~jnp.isfinite(x)) for x in leaves)
+        return state, metrics
+
+    return checked
+
+
+def _poison(state):
+    """Test-only fault injection: θ full of NaN, so the next iteration diverges."""
+    return state.replace(params=jax.tree.map(lambda x: jnp.full_like(x, jnp.nan),
+                                             state.params))
 
 
 def train(config: RunConfig, out_dir: str | None = None, force: bool = False,
-          progress: bool = True, on_iteration: Callable[[dict], None] | None = None
-          ) -> list[dict]:
-    """Runs `config.run.iterations` meta-iterations; returns the per-iteration metrics.
+          resume: bool = False, progress: bool = True,
+          on_iteration: Callable[[dict], None] | None = None) -> list[dict]:
+    """Runs meta-iterations up to `config.run.iterations`; returns the metrics of the
+    iterations run by this call.
 
-    With `out_dir`, writes `config.yaml` (the resolved configuration) first and appends
-    one JSON line per iteration to `metrics.jsonl`.
+    With `out_dir`: writes `config.yaml` (the resolved configuration), appends one JSON
+    line per iteration to `metrics.jsonl`, logs the same scalars to TensorBoard
+    (`tensorboard/`), and saves the full training state to `checkpoints/` every
+    `checkpoint_every` iterations and at the end. With `resume`, continues the run in
+    `out_dir` from its latest checkpoint: the result is the same, iteration for
+    iteration, as a run never interrupted.
+
+    Raises TrainingDiverged when a metric or parameter becomes non-finite; the state
+    before that iteration is checkpointed first.
     """
-    if out_dir is not None:
-        prepare_output_dir(out_dir, force)
-        with open(os.path.join(out_dir, "config.yaml"), "w") as f:
-            yaml.safe_dump(config.to_dict(), f, sort_keys=False)
-
+    run = config.run
     _, _, algorithm = build(config)
-    state = algorithm.init(jax.random.PRNGKey(config.run.seed))
-    meta_iteration = jax.jit(algorithm.meta_iteration)
+    state = algorithm.init(jax.random.PRNGKey(run.seed))
+    first_iteration, env_steps, elapsed_before = 1, 0, 0.0
+    checkpointer = None
+    if out_dir is not None:
+        if not resume:
+            prepare_output_dir(out_dir, force)
+            with open(os.path.join(out_dir, "config.yaml"), "w") as f:
+                yaml.safe_dump(config.to_dict(), f, sort_keys=False)
+        checkpointer = Checkpointer(os.path.join(out_dir, CHECKPOINT_DIR),
+                                    max_to_keep=run.keep_checkpoints)
+        if resume:
+            latest = checkpointer.latest_iteration()
+            if latest is not None:
+                state, host = checkpointer.restore(state, latest)
+                first_iteration = latest + 1
+                env_steps, elapsed_before = int(host["env_steps"]), float(host["time_s"])
+            _truncate_metrics(out_dir, first_iteration - 1)
+    elif resume:
+        raise ValueError("resume needs the run directory")
 
-    metrics_file = open(os.path.join(out_dir, "metrics.jsonl"), "a") if out_dir else None
-    bar = None
+    meta_iteration = jax.jit(_with_finiteness_check(algorithm.meta_iteration))
+    metrics_file = writer = bar = None
+    if out_dir is not None:
+        metrics_file = open(os.path.join(out_dir, "metrics.jsonl"), "a")
+        from tensorboardX import SummaryWriter
+
+        writer = SummaryWriter(os.path.join(out_dir, TENSORBOARD_DIR),
+                               purge_step=first_iteration)
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=config.run.iterations, unit="it", dynamic_ncols=True)
+        bar = tqdm(total=run.iterations, initial=first_iteration - 1, unit="it",
+                   dynamic_ncols=True)
+
+    def save(iteration, saved_state, steps, elapsed):
+        if checkpointer is not None and iteration > 0 and (
+                checkpointer.latest_iteration() or 0) < iteration:
+            checkpointer.save(iteration, saved_state, {"env_steps": steps, "time_s": elapsed})
+
     history = []
-    env_steps = 0
+    completed = None  # (iteration, state, env_steps, time_s) of the last finished one
     start = time.perf_counter()
     try:
-        for iteration in range(1, config.run.iterations + 1):
+        for iteration in range(first_iteration, run.iterations + 1):
             tick = time.perf_counter()
+            previous_state = state
+            if iteration == run.debug_nan_at_iteration:
+                state = _poison(state)
             state, device_metrics = meta_iteration(state)
             metrics = flatten_metrics(jax.device_get(device_metrics))
             now = time.perf_counter()
+            bad = sorted((k for k, v in metrics.items()
+                          if not math.isfinite(v) or (k == "nonfinite_params" and v > 0)),
+                         key=lambda k: (k not in REPORTED_FIRST, k))
+            if bad:
+                last_good = iteration - 1
+                save(last_good, previous_state, env_steps, elapsed_before + tick - start)
+                where = (f"; the last good checkpoint is iteration {last_good} in "
+                         f"{checkpointer.directory}" if checkpointer and last_good else "")
+                quantity = ("parameters" if bad[0] == "nonfinite_params" else bad[0])
+                raise TrainingDiverged(f"training diverged at iteration {iteration}: "
+                                       f"{quantity} non-finite ({metrics[bad[0]]}){where}")
+            del metrics["nonfinite_params"]
             env_steps += algorithm.env_steps_per_iteration
             record = {"iteration": iteration, "env_steps": env_steps,
-                      "time_s": now - start, "iteration_s": now - tick, **metrics}
-            bad = [k for k, v in metrics.items() if not math.isfinite(v)]
-            if bad:
-                raise TrainingDiverged(f"training diverged at iteration {iteration}: "
-                                       f"{bad[0]} is {metrics[bad[0]]}")
+                      "time_s": elapsed_before + now - start, "iteration_s": now - tick,
+                      **metrics}
             history.append(record)
+            completed = (iteration, state, env_steps, record["time_s"])
             if metrics_file:
                 metrics_file.write(json.dumps(record) + "\n")
                 metrics_file.flush()
+                for name, value in record.items():
+                    if name != "iteration":
+                        writer.add_scalar(name, value, iteration)
+            if iteration % run.checkpoint_every == 0 or iteration == run.iterations:
+                save(iteration, state, env_steps, record["time_s"])
             if on_iteration:
                 on_iteration(record)
             if bar is not None:
@@ -172,11 +292,15 @@ def train(config: RunConfig, out_dir: str | None = None, force: bool = False,
                                 post=f"{record['post_return']:.2f}",
                                 steps_s=f"{algorithm.env_steps_per_iteration / (now - tick):.3g}")
                 bar.update(1)
+    except KeyboardInterrupt:
+        # Keep what was computed: the state after the last completed iteration.
+        if completed is not None:
+            save(*completed)
+        raise
     finally:
-        if bar is not None:
-            bar.close()
-        if metrics_file:
-            metrics_file.close()
+        for handle in (bar, metrics_file, writer, checkpointer):
+            if handle is not None:
+                handle.close()
     return history
 
 

@@ -78,6 +78,10 @@ def test_one_iteration_of_each_brax_task(tmp_path, env_name):
     (["--set", "adaptive_kl=maybe"], "adaptive_kl: expected bool"),
     (["--set", "noequals"], "--set expects KEY=VALUE"),
     (["--config", "/nonexistent.yaml"], "cannot read /nonexistent.yaml"),
+    (["--set", "checkpoint_every=0"], "checkpoint_every: 0 not allowed; expected >= 1"),
+    (["--set", "keep_checkpoints=two"], "keep_checkpoints: expected int, got 'two'"),
+    (["--set", "env={name: point-nav, speed: 3}"], "unknown key 'env.speed'"),
+    (["--iterations", "0"], "iterations: 0 not allowed; expected >= 1"),
 ])
 def test_configuration_errors_fail_fast_with_one_line(tmp_path, args, message):
     start = time.perf_counter()
@@ -87,6 +91,28 @@ def test_configuration_errors_fail_fast_with_one_line(tmp_path, args, message):
     assert len(lines) == 1 and message in lines[0], result.output
     assert time.perf_counter() - start < 5.0  # nothing was compiled
     assert not (tmp_path / "x" / "metrics.jsonl").exists()
+
+
+def test_resume_refuses_other_configuration_flags(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("algo: promp\n")
+    for extra in (["--set", "inner_lr=0.2"], ["--seed", "3"], ["--env", "ant-dir"],
+                  ["--out", str(tmp_path / "other")], ["--force"]):
+        result = CliRunner().invoke(main, ["train", "--resume", str(run), *extra])
+        assert result.exit_code == EXIT_CONFIG_ERROR
+        assert "not allowed with --resume" in result.output, result.output
+        assert len(result.output.strip().splitlines()) == 1
+    result = CliRunner().invoke(main, ["train", "--resume", str(tmp_path / "missing")])
+    assert result.exit_code == EXIT_CONFIG_ERROR
+    assert "missing holds no run (no config.yaml)" in result.output
+
+
+def test_eval_on_a_directory_without_a_run_fails_with_one_line(tmp_path):
+    result = CliRunner().invoke(main, ["eval", "--run", str(tmp_path)])
+    assert result.exit_code == EXIT_CONFIG_ERROR
+    assert result.output.strip().splitlines() == [
+        f"error: config: --run/--resume: {tmp_path} holds no run (no config.yaml)"]
 
 
 def test_existing_run_is_not_overwritten_without_force(tmp_path):

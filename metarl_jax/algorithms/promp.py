@@ -142,6 +142,22 @@ class ProMP:
             self.policy, theta, pre_batches, post_batch, kl_coeffs, c.inner_lr, c.clip_eps)
         return jnp.mean(losses), jax.tree.map(lambda x: jnp.mean(x, axis=0), aux)
 
+    def adaptation_returns(self, params, key: jax.Array, num_tasks: int, adapt_steps: int,
+                           episodes_per_task: int) -> jax.Array:
+        """ProMP's own adaptation on freshly sampled tasks: `adapt_steps` LVC steps from θ,
+        fresh episodes for every step. Returns the mean episode return of each task
+        after 0, 1, …, `adapt_steps` steps, shape [num_tasks, adapt_steps + 1]."""
+        config = dataclasses.replace(self.config, meta_batch_size=num_tasks,
+                                     inner_steps=adapt_steps,
+                                     episodes_per_task=episodes_per_task)
+        task_key, sample_key = jax.random.split(key)
+        tasks = self.env.sample_tasks(task_key, num_tasks)
+        pre_batches, post_batch = sample_adaptation_phases(
+            self.env, self.policy, config, params, tasks, sample_key)
+        before_last = jnp.mean(pre_batches.episode_returns(), axis=-1)  # [M, K]
+        last = jnp.mean(post_batch.episode_returns(), axis=-1)[:, None]
+        return jnp.concatenate([before_last, last], axis=1)
+
     def meta_iteration(self, state: ProMPState):
         c = self.config
         key, task_key, sample_key = jax.random.split(state.key, 3)

@@ -1,0 +1,91 @@
+"""Learning curves and adaptation curves as PNG files (matplotlib, no display needed)."""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+
+import numpy as np
+
+from metarl_jax.trainer import load_run_config, read_metrics
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _group_runs(run_dirs):
+    """Runs that differ only in their seed form one group (one curve, seeds spread)."""
+    groups = defaultdict(list)
+    for run_dir in run_dirs:
+        config = load_run_config(run_dir).to_dict()
+        config.pop("seed")
+        for key in ("iterations", "checkpoint_every", "keep_checkpoints",
+                    "debug_nan_at_iteration"):
+            config.pop(key, None)
+        groups[repr(sorted((k, repr(v)) for k, v in config.items()))].append(run_dir)
+    return list(groups.values())
+
+
+def _label(run_dirs, all_groups):
+    config = load_run_config(run_dirs[0]).to_dict()
+    label = f"{config['algo']} on {config['env']['name']}"
+    if len(all_groups) > 1:
+        label += f" ({os.path.basename(os.path.normpath(run_dirs[0]))})"
+    return label + f", {len(run_dirs)} seed{'s' if len(run_dirs) > 1 else ''}"
+
+
+def plot_runs(run_dirs: list[str], out: str, show_pre: bool = True) -> str:
+    """Post-update (solid) and pre-update (dashed) return against environment steps:
+    the mean over the seeds of each configuration, shaded between min and max."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    groups = _group_runs(run_dirs)
+    for color_index, group in enumerate(groups):
+        color = f"C{color_index}"
+        curves = [read_metrics(run_dir) for run_dir in group]
+        length = min(len(c) for c in curves)
+        if length == 0:
+            continue
+        steps = np.array([r["env_steps"] for r in curves[0][:length]], dtype=float)
+        label = _label(group, groups)
+        for key, style in (("post_return", "-"), ("pre_return", "--")):
+            if key == "pre_return" and not show_pre:
+                continue
+            values = np.array([[r[key] for r in c[:length]] for c in curves])
+            name = "post-update" if key == "post_return" else "pre-update"
+            ax.plot(steps, values.mean(axis=0), style, color=color, label=f"{label}: {name}")
+            if len(curves) > 1:
+                ax.fill_between(steps, values.min(axis=0), values.max(axis=0), color=color,
+                                alpha=0.2, linewidth=0)
+    ax.set_xlabel("environment steps")
+    ax.set_ylabel("mean episode return")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+def plot_adaptation(result: dict, out: str) -> str:
+    """Return against adaptation step, with standard-error bars, from `evaluate`."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
+    ax.errorbar(result["adapt_steps"], result["return_mean"], yerr=result["return_stderr"],
+                marker="o", capsize=4)
+    ax.set_xlabel("adaptation steps")
+    ax.set_ylabel("mean episode return")
+    ax.set_xticks(result["adapt_steps"])
+    ax.set_title(f"{result['algo']} on {result['env']}, {result['tasks']} held-out tasks",
+                 fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return out

@@ -1,0 +1,204 @@
+"""Experiment lifecycle: checkpoints, kill-and-resume, determinism, divergence, eval, plots."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from metarl_jax import trainer
+from metarl_jax.algorithms.promp import adapt_kl_coeffs
+from metarl_jax.checkpoints import Checkpointer
+from metarl_jax.cli import EXIT_DIVERGED, main
+
+TINY = ["--set", "meta_batch_size=3", "--set", "episodes_per_task=3", "--set", "horizon=15",
+        "--set", "hidden_sizes=[16, 16]"]
+TIMING_KEYS = {"time_s", "iteration_s"}
+
+
+def tiny_config(**overrides):
+    raw = {**trainer.DEFAULT_EXPERIMENT, "meta_batch_size": 3, "episodes_per_task": 3,
+           "horizon": 15, "hidden_sizes": [16, 16], **overrides}
+    return trainer.resolve_config(raw)
+
+
+def without_timing(records):
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in records]
+
+
+def cli(*args):
+    return subprocess.Popen([sys.executable, "-m", "metarl_jax.cli", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_same_seed_same_configuration_gives_identical_metrics():
+    first = trainer.train(tiny_config(iterations=4), progress=False)
+    second = trainer.train(tiny_config(iterations=4), progress=False)
+    assert without_timing(first) == without_timing(second)
+    other_seed = trainer.train(tiny_config(iterations=4, seed=1), progress=False)
+    assert without_timing(first) != without_timing(other_seed)
+
+
+def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
+    iterations = 150
+    reference = tmp_path / "reference"
+    trainer.train(tiny_config(iterations=iterations, checkpoint_every=7), str(reference),
+                  progress=False)
+
+    killed = tmp_path / "killed"
+    process = cli("train", "--iterations", str(iterations), "--out", str(killed), "--quiet",
+                  "--set", "checkpoint_every=7", *TINY)
+    metrics = killed / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and process.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 30:
+            break
+        time.sleep(0.005)
+    assert process.poll() is None, "the run finished before it could be killed"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    done_before_kill = len(trainer.read_metrics(str(killed)))
+    assert 30 <= done_before_kill < iterations
+    latest = Checkpointer(str(killed / "checkpoints")).latest_iteration()
+    assert latest is not None and latest % 7 == 0 and latest <= done_before_kill
+
+    resumed = cli("train", "--resume", str(killed), "--quiet")
+    out, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    records = trainer.read_metrics(str(killed))
+    assert [r["iteration"] for r in records] == list(range(1, iterations + 1))
+    assert without_timing(records) == without_timing(trainer.read_metrics(str(reference)))
+
+    # A finished run resumes to nothing; a longer total continues it.
+    again = CliRunner().invoke(main, ["train", "--resume", str(killed), "--quiet"])
+    assert again.exit_code == 0 and "nothing to do" in again.output
+
+
+KILL_DURING_SAVE = textwrap.dedent("""
+    import pathlib, sys, time
+    import jax.numpy as jnp
+    from orbax.checkpoint._src.path import atomicity
+    from metarl_jax.checkpoints import Checkpointer
+
+    directory, marker = sys.argv[1], pathlib.Path(sys.argv[2])
+    checkpointer = Checkpointer(directory)
+    checkpointer.save(1, {"w": jnp.arange(1000.0)}, {"env_steps": 1, "time_s": 0.5})
+
+    async def stall_before_commit(self, *args, **kwargs):
+        marker.touch()  # the data of step 2 is written, the rename not yet done
+        time.sleep(600)
+
+    atomicity.AtomicRenameTemporaryPath.finalize = stall_before_commit
+    checkpointer.save(2, {"w": jnp.arange(1000.0) * 2}, {"env_steps": 2, "time_s": 1.0})
+""")
+
+
+def test_kill_during_checkpoint_write_keeps_previous_checkpoint(tmp_path):
+    directory, marker = tmp_path / "checkpoints", tmp_path / "writing"
+    process = subprocess.Popen([sys.executable, "-c", KILL_DURING_SAVE, str(directory),
+                                str(marker)])
+    deadline = time.time() + 120
+    while not marker.exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.01)
+    assert marker.exists(), "the second save never started"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    leftovers = [p.name for p in directory.iterdir()]
+    assert any(name != "1" for name in leftovers)  # the partial write is on disk...
+
+    checkpointer = Checkpointer(str(directory))
+    assert checkpointer.latest_iteration() == 1  # ...but invisible
+    state, host = checkpointer.restore({"w": jnp.zeros(1000)})
+    np.testing.assert_array_equal(np.asarray(state["w"]), np.arange(1000.0))
+    assert host == {"env_steps": 1, "time_s": 0.5}
+    checkpointer.save(2, {"w": jnp.ones(1000)}, {"env_steps": 2, "time_s": 1.0})
+    assert checkpointer.all_iterations() == [1, 2]
+    checkpointer.close()
+
+
+def test_planted_nan_stops_cleanly_and_keeps_last_good_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    result = CliRunner().invoke(main, [
+        "train", "--iterations", "8", "--out", str(out), "--quiet",
+        "--set", "checkpoint_every=100", "--set", "debug_nan_at_iteration=4", *TINY])
+    assert result.exit_code == EXIT_DIVERGED
+    line = result.output.strip().splitlines()[-1]
+    assert line.startswith("error: training diverged at iteration 4: ")
+    assert "the last good checkpoint is iteration 3" in line
+    assert [r["iteration"] for r in trainer.read_metrics(str(out))] == [1, 2, 3]
+    checkpointer = Checkpointer(str(out / "checkpoints"))
+    assert checkpointer.all_iterations() == [3]
+    template = trainer.build(tiny_config())[2].init(jax.random.PRNGKey(0))
+    state, host = checkpointer.restore(template)
+    assert int(state.iteration) == 3 and host["env_steps"] == 3 * 3 * 3 * 15 * 2
+    assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(state.params))
+    checkpointer.close()
+
+
+def test_checkpoints_keep_the_last_few_and_hold_the_full_state(tmp_path):
+    out = tmp_path / "run"
+    config = tiny_config(iterations=9, checkpoint_every=2, keep_checkpoints=2, adaptive_kl=True)
+    history = trainer.train(config, str(out), progress=False)
+    checkpointer = Checkpointer(str(out / "checkpoints"))
+    assert checkpointer.all_iterations() == [8, 9]
+    template = trainer.build(config)[2].init(jax.random.PRNGKey(123))
+    state, host = checkpointer.restore(template)
+    assert int(state.iteration) == 9
+    assert host["env_steps"] == history[-1]["env_steps"]
+    # The saved KL coefficient is the one the adaptive rule made from the last iteration.
+    expected = adapt_kl_coeffs(jnp.array([history[-1]["kl_coeff_0"]]),
+                               jnp.array([history[-1]["kl_0"]]), config.algorithm.kl_target)
+    assert float(state.kl_coeffs[0]) == pytest.approx(float(expected[0]), rel=1e-6)
+    assert len({r["kl_coeff_0"] for r in history}) > 1  # the rule did change it
+    assert int(state.opt_state[0].count) == 9 * config.algorithm.promp_steps
+    assert (out / "tensorboard").is_dir() and any((out / "tensorboard").iterdir())
+    checkpointer.close()
+
+
+def test_eval_and_plot_write_their_files(tmp_path):
+    run = tmp_path / "run"
+    trainer.train(tiny_config(iterations=3, checkpoint_every=1), str(run), progress=False)
+    second = tmp_path / "run_seed1"
+    trainer.train(tiny_config(iterations=3, seed=1), str(second), progress=False)
+
+    adapt_png = tmp_path / "adapt.png"
+    result = CliRunner().invoke(main, ["eval", "--run", str(run), "--tasks", "4",
+                                       "--adapt-steps", "2", "--plot", str(adapt_png)])
+    assert result.exit_code == 0, result.output
+    report = json.loads((run / "eval.json").read_text())
+    assert report["adapt_steps"] == [0, 1, 2] and report["tasks"] == 4
+    assert report["checkpoint_iteration"] == 3
+    assert len(report["return_mean"]) == 3 and all(s > 0 for s in report["return_stderr"])
+    assert "adapt step" in result.output
+
+    curve_png = tmp_path / "curve.png"
+    result = CliRunner().invoke(main, ["plot", str(run), str(second), "--out", str(curve_png)])
+    assert result.exit_code == 0, result.output
+    import matplotlib.image
+
+    for png in (adapt_png, curve_png):
+        pixels = matplotlib.image.imread(str(png))
+        assert pixels.shape[0] > 200 and pixels.shape[1] > 300
+        assert float(pixels[..., :3].std()) > 0.05  # not blank
+
+
+def test_evaluate_from_python_is_reproducible(tmp_path):
+    from metarl_jax.evaluation import evaluate
+
+    run = tmp_path / "run"
+    trainer.train(tiny_config(iterations=2), str(run), progress=False)
+    first = evaluate(str(run), num_tasks=3, adapt_steps=1, seed=5, write=False)
+    second = evaluate(str(run), num_tasks=3, adapt_steps=1, seed=5, write=False)
+    assert first == second
+    assert not (run / "eval.json").exists()
+    other = evaluate(str(run), num_tasks=3, adapt_steps=1, seed=6, write=True)
+    assert other["return_mean"] != first["return_mean"]
+    assert os.path.exists(run / "eval.json")
