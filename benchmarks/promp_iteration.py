@@ -22,7 +22,8 @@ import time
 import jax
 import jax.numpy as jnp
 
-from metarl_jax.algorithms.promp import ProMP, ProMPConfig, broadcast_to_tasks
+from metarl_jax.algorithms.common import broadcast_to_tasks
+from metarl_jax.algorithms.promp import ProMP, ProMPConfig
 from metarl_jax.envs import make_env
 from metarl_jax.policies import GaussianPolicy
 from metarl_jax.rollout import collect

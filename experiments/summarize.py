@@ -31,8 +31,8 @@ def main():
     parser.add_argument("--last", type=int, default=100)
     args = parser.parse_args()
     rows = [window_means(run, args.first, args.last) for run in args.runs]
-    print(f"| run | pre_return | post_return | post − pre | env steps | wall time (s) |\n"
-          f"|---|---|---|---|---|---|")
+    print("| run | pre_return | post_return | post − pre | env steps | wall time (s) |\n"
+          "|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['run']} | {r['pre']:.2f} | {r['post']:.2f} | {r['gain']:.2f} | "
               f"{r['env_steps']:,} | {r['time_s']:.0f} |")

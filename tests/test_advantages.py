@@ -1,7 +1,6 @@
 """Returns, baseline, GAE, normalisation (ALGORITHMS.md §0) and Gaussian helpers,
 against plain Python / numpy references."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -1,8 +1,6 @@
 """ProMP: the inner step at the sampling policy, the meta-gradient against finite
 differences, the KL rule, and compile-once behaviour of the meta-iteration."""
 
-import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -10,8 +8,8 @@ import numpy as np
 import pytest
 
 from metarl_jax.advantages import process_phase
-from metarl_jax.algorithms.promp import (ProMP, ProMPConfig, adapt_kl_coeffs,
-                                         sample_adaptation_phases)
+from metarl_jax.algorithms.common import sample_adaptation_phases
+from metarl_jax.algorithms.promp import ProMP, ProMPConfig, adapt_kl_coeffs
 from metarl_jax.envs import make_env
 from metarl_jax.losses import (inner_update, likelihood_ratio, lvc_inner_loss, masked_mean,
                                promp_clipped_objective)

@@ -15,12 +15,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from metarl_jax.advantages import process_phase
+from metarl_jax.algorithms.common import (adaptation_returns, phase_returns,
+                                          sample_adaptation_phases)
 from metarl_jax.config import SamplingConfig, at_least, field, positive
 from metarl_jax.envs.base import TaskEnv
-from metarl_jax.losses import inner_update, lvc_inner_loss, promp_outer_loss
+from metarl_jax.losses import promp_outer_loss
 from metarl_jax.policies import GaussianPolicy
-from metarl_jax.rollout import Trajectories, collect
+from metarl_jax.rollout import Trajectories
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,57 +50,6 @@ def adapt_kl_coeffs(kl_coeffs: jax.Array, kls: jax.Array, kl_target: float) -> j
     double it if KL_k > 1.5 · target, else keep it."""
     kl_coeffs = jnp.where(kls < kl_target / 1.5, kl_coeffs / 2.0, kl_coeffs)
     return jnp.where(kls > kl_target * 1.5, kl_coeffs * 2.0, kl_coeffs)
-
-
-def broadcast_to_tasks(params, num_tasks: int):
-    return jax.tree.map(lambda x: jnp.broadcast_to(x, (num_tasks,) + x.shape), params)
-
-
-def sample_adaptation_phases(env: TaskEnv, policy: GaussianPolicy, config: SamplingConfig,
-                             theta, tasks, key: jax.Array, inner_loss=lvc_inner_loss):
-    """Inner adaptation with fresh episodes at every step, shared by the MAML family.
-
-    For k = 0..K-1: sample a batch with φ_k (φ_0 = θ), compute its advantages, and set
-    φ_{k+1} = φ_k − α ∇ L_in(φ_k). Then sample the post-update batch with φ_K.
-
-    Returns:
-      (pre_batches with leading axes [M, K] (task-major, as the per-task outer losses
-      consume them), post_batch [M]).
-    """
-    num_tasks = jax.tree.leaves(tasks)[0].shape[0]
-
-    def phase(params, inputs):
-        phase_key, is_inner_phase = inputs
-        batch = collect(env, policy, params, tasks, phase_key, config.episodes_per_task,
-                        config.horizon)
-        batch = process_phase(batch, config.discount, config.gae_lambda,
-                              config.normalize_advantages)
-
-        def adapt(params):
-            return jax.vmap(inner_update, in_axes=(None, None, 0, 0, None))(
-                inner_loss, policy, params, batch, config.inner_lr)
-
-        return jax.lax.cond(is_inner_phase, adapt, lambda p: p, params), batch
-
-    # One scan over all K + 1 phases, so the rollout is traced and compiled once (for
-    # Brax bodies that halves compile time); the post-update phase skips the step.
-    phase_keys = jax.random.split(key, config.inner_steps + 1)
-    is_inner_phase = jnp.arange(config.inner_steps + 1) < config.inner_steps
-    _, batches = jax.lax.scan(phase, broadcast_to_tasks(theta, num_tasks),
-                              (phase_keys, is_inner_phase))
-    pre_batches = jax.tree.map(lambda x: jnp.swapaxes(x[:-1], 0, 1), batches)
-    post_batch = jax.tree.map(lambda x: x[-1], batches)
-    return pre_batches, post_batch
-
-
-def phase_returns(pre_batches: Trajectories, post_batch: Trajectories) -> dict:
-    """Mean undiscounted episode return of every phase: pre (θ), after each step, post."""
-    phase_means = jnp.mean(pre_batches.episode_returns(), axis=(0, 2))  # [K]
-    metrics = {"pre_return": phase_means[0],
-               "post_return": jnp.mean(post_batch.episode_returns())}
-    for k in range(1, phase_means.shape[0]):
-        metrics[f"return_after_step_{k}"] = phase_means[k]
-    return metrics
 
 
 class ProMP:
@@ -142,21 +92,10 @@ class ProMP:
             self.policy, theta, pre_batches, post_batch, kl_coeffs, c.inner_lr, c.clip_eps)
         return jnp.mean(losses), jax.tree.map(lambda x: jnp.mean(x, axis=0), aux)
 
-    def adaptation_returns(self, params, key: jax.Array, num_tasks: int, adapt_steps: int,
-                           episodes_per_task: int) -> jax.Array:
-        """ProMP's own adaptation on freshly sampled tasks: `adapt_steps` LVC steps from θ,
-        fresh episodes for every step. Returns the mean episode return of each task
-        after 0, 1, …, `adapt_steps` steps, shape [num_tasks, adapt_steps + 1]."""
-        config = dataclasses.replace(self.config, meta_batch_size=num_tasks,
-                                     inner_steps=adapt_steps,
-                                     episodes_per_task=episodes_per_task)
-        task_key, sample_key = jax.random.split(key)
-        tasks = self.env.sample_tasks(task_key, num_tasks)
-        pre_batches, post_batch = sample_adaptation_phases(
-            self.env, self.policy, config, params, tasks, sample_key)
-        before_last = jnp.mean(pre_batches.episode_returns(), axis=-1)  # [M, K]
-        last = jnp.mean(post_batch.episode_returns(), axis=-1)[:, None]
-        return jnp.concatenate([before_last, last], axis=1)
+    def adaptation_returns(self, params, key, num_tasks, adapt_steps, episodes_per_task):
+        """Returns after 0..`adapt_steps` LVC steps on new tasks, [num_tasks, steps + 1]."""
+        return adaptation_returns(self.env, self.policy, self.config, params, key, num_tasks,
+                                  adapt_steps, episodes_per_task)
 
     def meta_iteration(self, state: ProMPState):
         c = self.config
