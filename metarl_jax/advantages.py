@@ -126,3 +126,26 @@ def process_phase(batch: Trajectories, discount: float, gae_lambda: float,
     """Per-task baselines and advantages for a [M, N, H] phase batch."""
     return jax.vmap(task_advantages, in_axes=(0, None, None, None))(
         batch, discount, gae_lambda, normalize_advantages)
+
+
+def task_dice_adjusted_rewards(batch: Trajectories, discount: float,
+                               use_baseline: bool = True) -> Trajectories:
+    """For ONE task's [N, H] batch: `advantages` ← γ^t r_t − b_t, the DiCE adjusted
+    rewards, b_t the linear feature baseline fitted to γ^t r_t (0 without baseline);
+    `returns` ← the discounted reward-to-go, for reference."""
+    horizon = batch.rewards.shape[-1]
+    discounted = batch.rewards * discount ** jnp.arange(horizon, dtype=batch.rewards.dtype)
+    baseline = jnp.zeros_like(discounted)
+    if use_baseline:
+        features = baseline_features(batch.observations)
+        coeffs = fit_linear_baseline(features, discounted, batch.masks)
+        baseline = features @ coeffs
+    return batch.replace(returns=discounted_returns(batch.rewards, batch.masks, discount),
+                         advantages=(discounted - baseline) * batch.masks)
+
+
+def dice_adjusted_rewards(batch: Trajectories, discount: float,
+                          use_baseline: bool = True) -> Trajectories:
+    """Per-task DiCE adjusted rewards for a [M, N, H] phase batch."""
+    return jax.vmap(task_dice_adjusted_rewards, in_axes=(0, None, None))(
+        batch, discount, use_baseline)

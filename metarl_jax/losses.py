@@ -24,10 +24,13 @@ def likelihood_ratio(policy: GaussianPolicy, params, batch: Trajectories) -> jax
     return jnp.exp(log_probs - batch.log_probs)
 
 
-def lvc_inner_loss(policy: GaussianPolicy, params, batch: Trajectories) -> jax.Array:
-    """ProMP's low-variance-curvature ("likelihood ratio") inner loss, ALGORITHMS.md §1:
+def likelihood_ratio_loss(policy: GaussianPolicy, params, batch: Trajectories) -> jax.Array:
+    """The likelihood-ratio objective, negated:
 
-        L_in(φ) = − mean_{(s,a)} [ exp(log π_φ(a|s) − logp_old(a|s)) · Â ]
+        L(φ) = − mean_{(s,a)} [ exp(log π_φ(a|s) − logp_old(a|s)) · Â ]
+
+    As an inner loss it is ProMP's low-variance-curvature (LVC) loss, ALGORITHMS.md §1;
+    on post-update samples it is TRPO's surrogate −mean(r' Â') (§2).
 
     `logp_old` is the stored log-likelihood of the sampling policy, not
     sg(log π_φ): at φ = sampling policy the ratio is 1 and the gradient is the plain
@@ -35,6 +38,41 @@ def lvc_inner_loss(policy: GaussianPolicy, params, batch: Trajectories) -> jax.A
     """
     ratio = likelihood_ratio(policy, params, batch)
     return -masked_mean(ratio * batch.advantages, batch.masks)
+
+
+lvc_inner_loss = likelihood_ratio_loss
+
+
+def log_likelihood_loss(policy: GaussianPolicy, params, batch: Trajectories) -> jax.Array:
+    """MAML's policy-gradient ("log-likelihood") loss, ALGORITHMS.md §2:
+
+        L(φ) = − mean_{(s,a)} log π_φ(a|s) · Â
+
+    Its gradient is the vanilla policy gradient; differentiating through a step on it
+    keeps only the H2 term (Σ ∇² log π · Â) of the inner Hessian.
+    """
+    log_probs = policy.log_prob(params, batch.observations, batch.actions)
+    return -masked_mean(log_probs * batch.advantages, batch.masks)
+
+
+def magic_box(x: jax.Array) -> jax.Array:
+    """DiCE's MagicBox, MB(x) = exp(x − sg(x)): 1 in value, ∇MB(x) = MB(x) ∇x."""
+    return jnp.exp(x - jax.lax.stop_gradient(x))
+
+
+def dice_loss(policy: GaussianPolicy, params, batch: Trajectories) -> jax.Array:
+    """DiCE (Foerster et al. 2018) objective, negated, ALGORITHMS.md §2:
+
+        L(φ) = − mean_{(n,t)} MB(τ_{n,t}) · (γ^t r_{n,t} − b_{n,t}),
+        τ_{n,t} = Σ_{t' ≤ t} log π_φ(a_{n,t'} | s_{n,t'})
+
+    with `batch.advantages` holding the adjusted rewards γ^t r_t − b_t
+    (`metarl_jax.advantages.dice_adjusted_rewards`). Any order of derivative of its
+    expectation is the derivative of the expected return.
+    """
+    log_probs = policy.log_prob(params, batch.observations, batch.actions) * batch.masks
+    cumulative = jnp.cumsum(log_probs, axis=-1)
+    return -masked_mean(magic_box(cumulative) * batch.advantages, batch.masks)
 
 
 def promp_clipped_objective(policy: GaussianPolicy, params, batch: Trajectories,
@@ -66,9 +104,14 @@ def mean_kl_from_sampler(policy: GaussianPolicy, params, batch: Trajectories) ->
 
 
 def inner_update(inner_loss, policy: GaussianPolicy, params, batch: Trajectories,
-                 inner_lr: float):
-    """One plain gradient step φ' = φ − α ∇_φ L_in(φ; batch), differentiable in φ."""
+                 inner_lr: float, first_order: bool = False):
+    """One plain gradient step φ' = φ − α ∇_φ L_in(φ; batch), differentiable in φ.
+
+    With `first_order`, the inner gradient is a constant (first-order MAML): dφ'/dφ = I.
+    """
     grads = jax.grad(inner_loss, argnums=1)(policy, params, batch)
+    if first_order:
+        grads = jax.lax.stop_gradient(grads)
     return jax.tree.map(lambda p, g: p - inner_lr * g, params, grads)
 
 

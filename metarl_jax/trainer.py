@@ -82,6 +82,11 @@ def resolve_config(raw: dict) -> RunConfig:
     algorithm_keys = [f.name for f in dataclasses.fields(algorithm_class.config_class)]
     unknown = sorted(set(raw) - run_keys - set(algorithm_keys))
     if unknown:
+        owners = sorted(name for name, cls in ALGORITHMS.items()
+                        if unknown[0] in {f.name for f in dataclasses.fields(cls.config_class)})
+        if owners:
+            raise ConfigError(f"config: {unknown[0]}: an option of {', '.join(owners)}, not of "
+                              f"algo {algo}; allowed for {algo}: " + ", ".join(algorithm_keys))
         raise ConfigError(f"config: unknown key {unknown[0]!r} for algo {algo}; allowed: "
                           + ", ".join([f.name for f in dataclasses.fields(RunSettings)]
                                       + algorithm_keys))

@@ -1,0 +1,233 @@
+"""The MAML family of the ProMP paper's baselines, ALGORITHMS.md §2.
+
+| algo        | inner loss          | outer loss on post-update samples         | optimiser |
+|-------------|---------------------|-------------------------------------------|-----------|
+| maml-trpo   | log-likelihood (LL) | −mean(r' Â')                              | TRPO      |
+| maml-vpg    | LL                  | −mean(log π_φK(a'|s') Â')                 | Adam, 1   |
+| emaml-trpo  | LL                  | as maml-trpo + E-MAML exploration term    | TRPO      |
+| emaml-vpg   | LL                  | as maml-vpg + E-MAML exploration term     | Adam, 1   |
+| lvc-trpo    | LVC (ratio)         | as maml-trpo                              | TRPO      |
+| lvc-vpg     | LVC (ratio)         | as maml-vpg                               | Adam, 1   |
+| dice-vpg    | DiCE                | DiCE                                      | Adam, 1   |
+
+Every variant takes `first_order: true` (the inner gradient treated as a constant).
+Sampling, advantages and the inner steps are those of ProMP (`common.py`); only the
+losses and the outer optimiser differ. Read `MAMLFamily.meta_iteration` top to bottom.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from metarl_jax.advantages import dice_adjusted_rewards
+from metarl_jax.algorithms.common import (adaptation_returns, phase_returns,
+                                          sample_adaptation_phases, standard_advantages)
+from metarl_jax.config import SamplingConfig, at_least, check, field, positive
+from metarl_jax.envs.base import TaskEnv
+from metarl_jax.losses import (dice_loss, inner_update, likelihood_ratio_loss,
+                               log_likelihood_loss, masked_mean, mean_kl_from_sampler)
+from metarl_jax.optim import trpo_step
+from metarl_jax.policies import GaussianPolicy
+from metarl_jax.rollout import Trajectories
+
+
+@dataclasses.dataclass(frozen=True)
+class MAMLVPGConfig(SamplingConfig):
+    """VPG-style outer step: one Adam step on the outer loss."""
+
+    outer_lr: float = field(1e-3, **positive())
+    first_order: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class DiCEConfig(MAMLVPGConfig):
+    # Subtract the linear feature baseline fitted to γ^t r_t from the DiCE rewards.
+    dice_baseline: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class MAMLTRPOConfig(SamplingConfig):
+    """TRPO outer step (ALGORITHMS.md §2): KL-constrained natural-gradient step."""
+
+    max_kl: float = field(0.01, **positive())
+    cg_iterations: int = field(10, **at_least(1))
+    cg_damping: float = field(1e-5, **at_least(0.0))
+    backtrack_ratio: float = field(0.8, **check(lambda v: 0 < v < 1, "in (0, 1)"))
+    max_backtracks: int = field(15, **at_least(1))
+    first_order: bool = False
+
+
+@flax.struct.dataclass
+class MAMLState:
+    params: dict
+    opt_state: optax.OptState  # Adam's state (VPG variants); a placeholder for TRPO
+    key: jax.Array
+    iteration: jax.Array
+
+
+INNER_LOSSES = {"ll": log_likelihood_loss, "lvc": likelihood_ratio_loss, "dice": dice_loss}
+OUTER_LOSSES = {"ll": log_likelihood_loss, "ratio": likelihood_ratio_loss, "dice": dice_loss}
+
+
+def emaml_exploration_term(policy: GaussianPolicy, adapted_per_step, pre_batches: Trajectories,
+                           post_returns: jax.Array) -> jax.Array:
+    """E-MAML's exploration term (Stadie et al. 2018), ALGORITHMS.md §2, for ONE task:
+
+        − R̃'_i · mean_k mean_{(s,a) ∈ batch_k} log π_{φ_k}(a|s)
+
+    R̃'_i is this task's post-update return normalised over the meta-batch (a constant):
+    its gradient credits the pre-update sampling for the return it led to.
+    """
+    terms = []
+    for k, params in enumerate(adapted_per_step):
+        batch = jax.tree.map(lambda x: x[k], pre_batches)
+        log_probs = policy.log_prob(params, batch.observations, batch.actions)
+        terms.append(masked_mean(log_probs, batch.masks))
+    return -post_returns * jnp.mean(jnp.stack(terms))
+
+
+class MAMLFamily:
+    """One MAML-family variant; subclasses fix the losses and the optimiser."""
+
+    name: str
+    config_class: type
+    inner: str  # key of INNER_LOSSES
+    outer: str  # key of OUTER_LOSSES
+    optimizer_kind: str  # "adam" or "trpo"
+    exploration: bool = False
+
+    def __init__(self, config, env: TaskEnv, policy: GaussianPolicy):
+        if config.horizon is None:
+            config = dataclasses.replace(config, horizon=env.horizon)
+        self.config = config
+        self.env = env
+        self.policy = policy
+        self.inner_loss = INNER_LOSSES[self.inner]
+        self.outer_loss = OUTER_LOSSES[self.outer]
+        if self.optimizer_kind == "adam":
+            self.optimizer = optax.adam(config.outer_lr, b1=0.9, b2=0.999, eps=1e-8)
+
+    @property
+    def env_steps_per_iteration(self) -> int:
+        c = self.config
+        return c.meta_batch_size * c.episodes_per_task * c.horizon * (c.inner_steps + 1)
+
+    def process(self, batch: Trajectories, config) -> Trajectories:
+        if self.inner == "dice":
+            return dice_adjusted_rewards(batch, config.discount, config.dice_baseline)
+        return standard_advantages(batch, config)
+
+    def init(self, key: jax.Array) -> MAMLState:
+        init_key, key = jax.random.split(key)
+        params = self.policy.init(init_key)
+        opt_state = (self.optimizer.init(params) if self.optimizer_kind == "adam"
+                     else jnp.zeros(()))
+        return MAMLState(params=params, opt_state=opt_state, key=key,
+                         iteration=jnp.zeros((), jnp.int32))
+
+    def adapt(self, theta, pre_batches: Trajectories) -> list:
+        """φ_0 = θ, …, φ_K for ONE task, re-derived from θ on its stored batches [K]."""
+        c = self.config
+        adapted = [theta]
+        for k in range(pre_batches.rewards.shape[0]):
+            batch = jax.tree.map(lambda x: x[k], pre_batches)
+            adapted.append(inner_update(self.inner_loss, self.policy, adapted[-1], batch,
+                                        c.inner_lr, c.first_order))
+        return adapted
+
+    def meta_loss(self, theta, pre_batches: Trajectories, post_batch: Trajectories):
+        """Outer loss averaged over tasks (pre_batches [M, K], post_batch [M]).
+
+        Returns (loss, aux) with aux["exploration"] the E-MAML term (0 otherwise).
+        """
+        post_returns = jnp.mean(post_batch.episode_returns(), axis=-1)  # [M]
+        normalised = (post_returns - post_returns.mean()) / (post_returns.std() + 1e-8)
+
+        def task_loss(pre, post, post_return):
+            adapted = self.adapt(theta, pre)
+            loss = self.outer_loss(self.policy, adapted[-1], post)
+            exploration = (emaml_exploration_term(self.policy, adapted[:-1], pre, post_return)
+                           if self.exploration else jnp.zeros(()))
+            return loss + exploration, exploration
+
+        losses, exploration = jax.vmap(task_loss)(pre_batches, post_batch, normalised)
+        return jnp.mean(losses), {"exploration": jnp.mean(exploration)}
+
+    def meta_kl(self, theta, pre_batches: Trajectories, post_batch: Trajectories):
+        """mean_i mean_{s'} KL(π_old'(·|s') ‖ π_{φ_K,i(θ)}(·|s')): TRPO's constraint between
+        the post-update policies that sampled and those of the new θ."""
+
+        def task_kl(pre, post):
+            return mean_kl_from_sampler(self.policy, self.adapt(theta, pre)[-1], post)
+
+        return jnp.mean(jax.vmap(task_kl)(pre_batches, post_batch))
+
+    def adaptation_returns(self, params, key, num_tasks, adapt_steps, episodes_per_task):
+        return adaptation_returns(self.env, self.policy, self.config, params, key, num_tasks,
+                                  adapt_steps, episodes_per_task, self.inner_loss,
+                                  self.process)
+
+    def meta_iteration(self, state: MAMLState):
+        c = self.config
+        key, task_key, sample_key = jax.random.split(state.key, 3)
+        tasks = self.env.sample_tasks(task_key, c.meta_batch_size)
+
+        # 1. Sampling and inner adaptation with this variant's inner loss.
+        pre_batches, post_batch = sample_adaptation_phases(
+            self.env, self.policy, c, state.params, tasks, sample_key, self.inner_loss,
+            self.process)
+
+        # 2. The outer step, differentiating through the inner steps.
+        def loss_fn(theta):
+            return self.meta_loss(theta, pre_batches, post_batch)[0]
+
+        metrics = phase_returns(pre_batches, post_batch)
+        if self.optimizer_kind == "trpo":
+            theta, info = trpo_step(
+                loss_fn, lambda theta: self.meta_kl(theta, pre_batches, post_batch),
+                state.params, c.max_kl, c.cg_damping, c.cg_iterations, c.backtrack_ratio,
+                c.max_backtracks)
+            opt_state = state.opt_state
+            metrics.update(outer_loss=info["loss_before"], outer_loss_after=info["loss_after"],
+                           kl=info["kl_after"], step_accepted=info["accepted"],
+                           backtracks=info["backtracks"], step_size=info["step_size"])
+        else:
+            loss, grads = jax.value_and_grad(loss_fn)(state.params)
+            updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
+            theta = optax.apply_updates(state.params, updates)
+            grad_norm = jnp.sqrt(sum(jnp.sum(g ** 2) for g in jax.tree.leaves(grads)))
+            metrics.update(outer_loss=loss, grad_norm=grad_norm)
+        if self.exploration:
+            metrics["exploration"] = self.meta_loss(state.params, pre_batches,
+                                                    post_batch)[1]["exploration"]
+        metrics["policy_std"] = jnp.mean(jnp.exp(theta["params"]["log_std"]))
+        return MAMLState(params=theta, opt_state=opt_state, key=key,
+                         iteration=state.iteration + 1), metrics
+
+
+def _variant(name: str, inner: str, outer: str, optimizer_kind: str, exploration: bool = False):
+    config_class = {"trpo": MAMLTRPOConfig, "adam": DiCEConfig if inner == "dice"
+                    else MAMLVPGConfig}[optimizer_kind]
+    attributes = dict(name=name, config_class=config_class, inner=inner, outer=outer,
+                      optimizer_kind=optimizer_kind, exploration=exploration,
+                      __doc__=f"`--algo {name}`: {inner} inner loss, {outer} outer loss, "
+                              f"{optimizer_kind} outer step"
+                              + (", E-MAML exploration term." if exploration else "."))
+    class_name = "".join(part.capitalize() for part in name.split("-"))
+    return type(class_name, (MAMLFamily,), attributes)
+
+
+MAML_VARIANTS = [
+    _variant("maml-trpo", "ll", "ratio", "trpo"),
+    _variant("maml-vpg", "ll", "ll", "adam"),
+    _variant("emaml-trpo", "ll", "ratio", "trpo", exploration=True),
+    _variant("emaml-vpg", "ll", "ll", "adam", exploration=True),
+    _variant("lvc-trpo", "lvc", "ratio", "trpo"),
+    _variant("lvc-vpg", "lvc", "ll", "adam"),
+    _variant("dice-vpg", "dice", "dice", "adam"),
+]
