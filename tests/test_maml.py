@@ -137,3 +137,26 @@ def test_experiment_files_resolve(path):
     config = trainer.resolve_config(raw)
     assert config.run.algo == raw["algo"]
     assert dataclasses.asdict(config.algorithm)["meta_batch_size"] == raw["meta_batch_size"]
+
+
+def test_gauss_newton_kl_product_equals_autodiff_hessian_at_sampling_parameters():
+    """MAML-TRPO's fast Fisher-vector product is the exact Hessian of the meta KL at θ."""
+    from jax.flatten_util import ravel_pytree
+
+    from metarl_jax.optim import hessian_vector_product
+
+    with jax.enable_x64(True):
+        algorithm = build("maml-trpo", inner_steps=2)
+        state = algorithm.init(jax.random.PRNGKey(0))
+        theta = jax.tree.map(lambda x: x.astype(jnp.float64), state.params)
+        tasks = algorithm.env.sample_tasks(jax.random.PRNGKey(1), 3)
+        pre, post = sample_adaptation_phases(algorithm.env, algorithm.policy, algorithm.config,
+                                             theta, tasks, jax.random.PRNGKey(2),
+                                             algorithm.inner_loss, algorithm.process)
+        flat = ravel_pytree(theta)[0]
+        vector = jax.random.normal(jax.random.PRNGKey(3), flat.shape, jnp.float64)
+        exact = hessian_vector_product(lambda t: algorithm.meta_kl(t, pre, post), theta)(vector)
+        fast = algorithm.meta_kl_hvp(theta, pre, post)(vector)
+        assert float(algorithm.meta_kl(theta, pre, post)) < 1e-20  # at the sampling θ
+        np.testing.assert_allclose(np.asarray(fast), np.asarray(exact), rtol=1e-7, atol=1e-12)
+        assert float(jnp.linalg.norm(exact)) > 1e-3

@@ -31,7 +31,7 @@ from metarl_jax.config import SamplingConfig, at_least, check, field, positive
 from metarl_jax.envs.base import TaskEnv
 from metarl_jax.losses import (dice_loss, inner_update, likelihood_ratio_loss,
                                log_likelihood_loss, masked_mean, mean_kl_from_sampler)
-from metarl_jax.optim import trpo_step
+from metarl_jax.optim import gaussian_fisher_vector_product, trpo_step
 from metarl_jax.policies import GaussianPolicy
 from metarl_jax.rollout import Trajectories
 
@@ -167,6 +167,23 @@ class MAMLFamily:
 
         return jnp.mean(jax.vmap(task_kl)(pre_batches, post_batch))
 
+    def meta_kl_hvp(self, theta, pre_batches: Trajectories, post_batch: Trajectories):
+        """The Hessian-vector product of `meta_kl` at the sampling θ, in Gauss–Newton form
+        (exact there; see `gaussian_fisher_vector_product`)."""
+
+        def post_distributions(theta):
+            def task_distribution(pre, post):
+                adapted = self.adapt(theta, pre)[-1]
+                return self.policy.distribution(adapted, post.observations)
+
+            return jax.vmap(task_distribution)(pre_batches, post_batch)
+
+        masks = post_batch.masks
+        count = jnp.maximum(jnp.sum(masks, axis=(1, 2), keepdims=True), 1.0)
+        weights = masks / count / masks.shape[0]
+        return gaussian_fisher_vector_product(post_distributions, theta, post_batch.log_stds,
+                                              weights)
+
     def adaptation_returns(self, params, key, num_tasks, adapt_steps, episodes_per_task):
         return adaptation_returns(self.env, self.policy, self.config, params, key, num_tasks,
                                   adapt_steps, episodes_per_task, self.inner_loss,
@@ -191,7 +208,7 @@ class MAMLFamily:
             theta, info = trpo_step(
                 loss_fn, lambda theta: self.meta_kl(theta, pre_batches, post_batch),
                 state.params, c.max_kl, c.cg_damping, c.cg_iterations, c.backtrack_ratio,
-                c.max_backtracks)
+                c.max_backtracks, kl_hvp=self.meta_kl_hvp(state.params, pre_batches, post_batch))
             opt_state = state.opt_state
             metrics.update(outer_loss=info["loss_before"], outer_loss_after=info["loss_after"],
                            kl=info["kl_after"], step_accepted=info["accepted"],
