@@ -24,7 +24,7 @@ test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/promp_iteration.py
+	$(BIN)/python benchmarks/meta_iteration.py
 
 clean:
 	rm -rf $(VENV) .jax_cache runs

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 LOG_2PI = math.log(2.0 * math.pi)
+ACTIVATIONS = {"tanh": jnp.tanh, "relu": nn.relu}
 
 
 class _GaussianMLP(nn.Module):
@@ -24,7 +25,7 @@ class _GaussianMLP(nn.Module):
 
     @nn.compact
     def __call__(self, obs):
-        act = {"tanh": jnp.tanh, "relu": nn.relu}[self.activation]
+        act = ACTIVATIONS[self.activation]
         x = obs
         for width in self.hidden_sizes:
             x = act(nn.Dense(width, kernel_init=nn.initializers.glorot_uniform(),

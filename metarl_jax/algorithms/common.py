@@ -27,7 +27,7 @@ def standard_advantages(batch: Trajectories, config: SamplingConfig) -> Trajecto
 
 def sample_adaptation_phases(env: TaskEnv, policy: GaussianPolicy, config: SamplingConfig,
                              theta, tasks, key: jax.Array, inner_loss=lvc_inner_loss,
-                             process=standard_advantages):
+                             process=standard_advantages, return_adapted: bool = False):
     """Inner adaptation with fresh episodes at every step, shared by the MAML family.
 
     For k = 0..K-1: sample a batch with φ_k (φ_0 = θ), fill its advantages with
@@ -36,7 +36,8 @@ def sample_adaptation_phases(env: TaskEnv, policy: GaussianPolicy, config: Sampl
 
     Returns:
       (pre_batches with leading axes [M, K] (task-major, as the per-task outer losses
-      consume them), post_batch [M]).
+      consume them), post_batch [M]), and φ_K [M] as a third element when
+      `return_adapted`.
     """
     num_tasks = jax.tree.leaves(tasks)[0].shape[0]
 
@@ -56,10 +57,12 @@ def sample_adaptation_phases(env: TaskEnv, policy: GaussianPolicy, config: Sampl
     # Brax bodies that halves compile time); the post-update phase skips the step.
     phase_keys = jax.random.split(key, config.inner_steps + 1)
     is_inner_phase = jnp.arange(config.inner_steps + 1) < config.inner_steps
-    _, batches = jax.lax.scan(phase, broadcast_to_tasks(theta, num_tasks),
-                              (phase_keys, is_inner_phase))
+    adapted, batches = jax.lax.scan(phase, broadcast_to_tasks(theta, num_tasks),
+                                    (phase_keys, is_inner_phase))
     pre_batches = jax.tree.map(lambda x: jnp.swapaxes(x[:-1], 0, 1), batches)
     post_batch = jax.tree.map(lambda x: x[-1], batches)
+    if return_adapted:
+        return pre_batches, post_batch, adapted
     return pre_batches, post_batch
 
 

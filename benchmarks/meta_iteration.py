@@ -1,9 +1,11 @@
-"""Times one ProMP meta-iteration (after compilation) and the rollouts alone at the same
-batch, prints a table and appends it to benchmarks/RESULTS.md with the machine named.
+"""Times one meta-iteration (after compilation) of each chosen algorithm and the rollouts
+alone at the same batch, prints a table and appends it to benchmarks/RESULTS.md with the
+machine named.
 
-    python benchmarks/promp_iteration.py                      # both default settings
-    python benchmarks/promp_iteration.py --settings point-nav --repeats 20
-    python benchmarks/promp_iteration.py --backend spring     # Brax backend for Brax tasks
+    python benchmarks/meta_iteration.py                       # ProMP, both settings
+    python benchmarks/meta_iteration.py --settings point-nav --repeats 20
+    python benchmarks/meta_iteration.py --algos promp maml-trpo dice-vpg --settings point-nav
+    python benchmarks/meta_iteration.py --backend spring      # Brax backend for Brax tasks
 
 The rollout-only figure samples the same K + 1 phases of M·N·H steps with the same
 policy network and no learning: it is the floor a meta-iteration cannot go under.
@@ -22,10 +24,9 @@ import time
 import jax
 import jax.numpy as jnp
 
+from metarl_jax import trainer
+from metarl_jax.algorithms import ALGORITHMS
 from metarl_jax.algorithms.common import broadcast_to_tasks
-from metarl_jax.algorithms.promp import ProMP, ProMPConfig
-from metarl_jax.envs import make_env
-from metarl_jax.policies import GaussianPolicy
 from metarl_jax.rollout import collect
 
 SETTINGS = {
@@ -64,13 +65,13 @@ def timed(fn, *args, repeats: int):
     return first, statistics.median(samples)
 
 
-def bench_setting(name: str, backend: str, repeats: int) -> dict:
+def bench_setting(algo: str, name: str, backend: str, repeats: int) -> dict:
     env_name, meta_batch, episodes, horizon = SETTINGS[name]
-    env = make_env(env_name, backend=backend, horizon=horizon)
-    config = ProMPConfig(meta_batch_size=meta_batch, episodes_per_task=episodes,
-                         horizon=horizon)
-    policy = GaussianPolicy(env.observation_size, env.action_size, config.hidden_sizes)
-    algorithm = ProMP(config, env, policy)
+    run_config = trainer.resolve_config({
+        "algo": algo, "env": {"name": env_name, "backend": backend},
+        "meta_batch_size": meta_batch, "episodes_per_task": episodes, "horizon": horizon})
+    env, policy, algorithm = trainer.build(run_config)
+    config = algorithm.config
     state = algorithm.init(jax.random.PRNGKey(0))
 
     meta_iteration = jax.jit(algorithm.meta_iteration)
@@ -91,7 +92,7 @@ def bench_setting(name: str, backend: str, repeats: int) -> dict:
     _, rollout_time = timed(rollouts_only, state.params, jax.random.PRNGKey(1),
                             repeats=repeats)
     steps = algorithm.env_steps_per_iteration
-    return {"setting": f"{name} (M={meta_batch}, N={episodes}, H={horizon})",
+    return {"algo": algo, "setting": f"{name} (M={meta_batch}, N={episodes}, H={horizon})",
             "backend": env.backend or "-", "compile_s": compile_and_first,
             "iteration_s": per_iteration, "rollout_s": rollout_time,
             "steps_per_s": steps / per_iteration,
@@ -100,6 +101,7 @@ def bench_setting(name: str, backend: str, repeats: int) -> dict:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--algos", nargs="+", default=["promp"], choices=sorted(ALGORITHMS))
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=SETTINGS)
     parser.add_argument("--backend", default="generalized")
     parser.add_argument("--repeats", type=int, default=5)
@@ -107,11 +109,12 @@ def main():
                         help="print only; do not append to RESULTS.md")
     args = parser.parse_args()
 
-    rows = [bench_setting(name, args.backend, args.repeats) for name in args.settings]
-    header = ("| setting | backend | first call incl. compile (s) | s / meta-iteration | "
+    rows = [bench_setting(algo, name, args.backend, args.repeats)
+            for name in args.settings for algo in args.algos]
+    header = ("| algo | setting | backend | first call incl. compile (s) | s / meta-iteration | "
               "rollouts alone (s) | rollout share | env steps / s |\n"
-              "|---|---|---|---|---|---|---|")
-    lines = [f"| {r['setting']} | {r['backend']} | {r['compile_s']:.1f} | "
+              "|---|---|---|---|---|---|---|---|")
+    lines = [f"| {r['algo']} | {r['setting']} | {r['backend']} | {r['compile_s']:.1f} | "
              f"{r['iteration_s']:.3f} | {r['rollout_s']:.3f} | {r['rollout_share']:.0%} | "
              f"{r['steps_per_s']:,.0f} |" for r in rows]
     table = "\n".join([header, *lines])
@@ -119,7 +122,7 @@ def main():
     if not args.no_record:
         stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
         with open(RESULTS, "a") as f:
-            f.write(f"\n### ProMP meta-iteration, {stamp}\n\nMachine: {machine_description()}. "
+            f.write(f"\n### Meta-iteration, {stamp}\n\nMachine: {machine_description()}. "
                     f"Median of {args.repeats} calls after the first.\n\n{table}\n")
 
 
