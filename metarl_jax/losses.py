@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from metarl_jax.policies import GaussianPolicy, gaussian_kl
+from metarl_jax.policies import GaussianPolicy, gaussian_kl, gaussian_log_prob
 from metarl_jax.rollout import Trajectories
 
 
@@ -104,15 +104,50 @@ def mean_kl_from_sampler(policy: GaussianPolicy, params, batch: Trajectories) ->
 
 
 def inner_update(inner_loss, policy: GaussianPolicy, params, batch: Trajectories,
-                 inner_lr: float, first_order: bool = False):
-    """One plain gradient step φ' = φ − α ∇_φ L_in(φ; batch), differentiable in φ.
+                 inner_lr, first_order: bool = False):
+    """One gradient step φ' = φ − α ⊙ ∇_φ L_in(φ; batch), differentiable in φ (and α).
 
-    With `first_order`, the inner gradient is a constant (first-order MAML): dφ'/dφ = I.
+    `inner_lr` is a scalar α or a pytree shaped like `params` (per-parameter step sizes,
+    as GMPS learns them). With `first_order`, the inner gradient is a constant
+    (first-order MAML): dφ'/dφ = I.
     """
     grads = jax.grad(inner_loss, argnums=1)(policy, params, batch)
     if first_order:
         grads = jax.lax.stop_gradient(grads)
+    if jax.tree.structure(inner_lr) == jax.tree.structure(params):
+        return jax.tree.map(lambda p, a, g: p - a * g, params, inner_lr, grads)
     return jax.tree.map(lambda p, g: p - inner_lr * g, params, grads)
+
+
+def importance_weighted_pg_loss(policy: GaussianPolicy, params, batch: Trajectories) -> jax.Array:
+    """GMPS's inner loss (Mendonca et al. 2019), ALGORITHMS.md §4:
+
+        L_in(θ) = − mean_{(s,a)} log π_θ(a|s) · sg(π_θ(a|s) / π_θinit(a|s)) · Â
+
+    π_θinit is the sampling policy (its stored `log_probs`): at θ = θ_init the weight is
+    1 and the gradient is the plain policy gradient; as θ moves during the many outer
+    steps on the same batch, the weights keep the gradient an estimate for π_θ.
+    """
+    log_probs = policy.log_prob(params, batch.observations, batch.actions)
+    weights = jax.lax.stop_gradient(jnp.exp(log_probs - batch.log_probs))
+    return -masked_mean(log_probs * weights * batch.advantages, batch.masks)
+
+
+def imitation_loss(policy: GaussianPolicy, params, observations: jax.Array,
+                   expert_actions: jax.Array, weights: jax.Array, kind: str = "mse"):
+    """GMPS's outer (imitation) loss on expert data, ALGORITHMS.md §4:
+
+        mse: mean_{(s,a*)} ‖μ_θ'(s) − a*‖²        (the reference code's)
+        nll: − mean_{(s,a*)} log π_θ'(a*|s)       (the paper's)
+
+    `weights` [D] masks padded entries (1 for real demonstrations).
+    """
+    mean, log_std = policy.distribution(params, observations)
+    if kind == "mse":
+        per_sample = jnp.sum((mean - expert_actions) ** 2, axis=-1)
+    else:
+        per_sample = -gaussian_log_prob(mean, log_std, expert_actions)
+    return masked_mean(per_sample, weights)
 
 
 def promp_outer_loss(policy: GaussianPolicy, theta, pre_batches: Trajectories,

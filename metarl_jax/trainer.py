@@ -229,9 +229,16 @@ def train(config: RunConfig, out_dir: str | None = None, force: bool = False,
                 state, host = checkpointer.restore(state, latest)
                 first_iteration = latest + 1
                 env_steps, elapsed_before = int(host["env_steps"]), float(host["time_s"])
+                for name, value in host.get("algorithm", {}).items():
+                    setattr(algorithm, name, value)
             _truncate_metrics(out_dir, first_iteration - 1)
     elif resume:
         raise ValueError("resume needs the run directory")
+    if first_iteration == 1 and hasattr(algorithm, "prepare"):
+        # Host-side set-up before the first iteration (GMPS: experts, demonstrations).
+        state = algorithm.prepare(state, run.seed)
+    # Counters an algorithm reports beside the meta-training environment steps.
+    extra = dict(getattr(algorithm, "host_counters", lambda: {})())
 
     meta_iteration = jax.jit(_with_finiteness_check(algorithm.meta_iteration))
     metrics_file = writer = bar = None
@@ -250,7 +257,8 @@ def train(config: RunConfig, out_dir: str | None = None, force: bool = False,
     def save(iteration, saved_state, steps, elapsed):
         if checkpointer is not None and iteration > 0 and (
                 checkpointer.latest_iteration() or 0) < iteration:
-            checkpointer.save(iteration, saved_state, {"env_steps": steps, "time_s": elapsed})
+            checkpointer.save(iteration, saved_state, {"env_steps": steps, "time_s": elapsed,
+                                                       "algorithm": extra})
 
     history = []
     completed = None  # (iteration, state, env_steps, time_s) of the last finished one
@@ -279,7 +287,7 @@ def train(config: RunConfig, out_dir: str | None = None, force: bool = False,
             env_steps += algorithm.env_steps_per_iteration
             record = {"iteration": iteration, "env_steps": env_steps,
                       "time_s": elapsed_before + now - start, "iteration_s": now - tick,
-                      **metrics}
+                      **extra, **metrics}
             history.append(record)
             completed = (iteration, state, env_steps, record["time_s"])
             if metrics_file:

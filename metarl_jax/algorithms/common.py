@@ -27,12 +27,14 @@ def standard_advantages(batch: Trajectories, config: SamplingConfig) -> Trajecto
 
 def sample_adaptation_phases(env: TaskEnv, policy: GaussianPolicy, config: SamplingConfig,
                              theta, tasks, key: jax.Array, inner_loss=lvc_inner_loss,
-                             process=standard_advantages, return_adapted: bool = False):
+                             process=standard_advantages, return_adapted: bool = False,
+                             inner_lr=None):
     """Inner adaptation with fresh episodes at every step, shared by the MAML family.
 
     For k = 0..K-1: sample a batch with φ_k (φ_0 = θ), fill its advantages with
     `process(batch, config)`, and set φ_{k+1} = φ_k − α ∇ L_in(φ_k). Then sample the
-    post-update batch with φ_K.
+    post-update batch with φ_K. `inner_lr` overrides `config.inner_lr` (a scalar, or a
+    pytree of per-parameter step sizes).
 
     Returns:
       (pre_batches with leading axes [M, K] (task-major, as the per-task outer losses
@@ -40,6 +42,7 @@ def sample_adaptation_phases(env: TaskEnv, policy: GaussianPolicy, config: Sampl
       `return_adapted`.
     """
     num_tasks = jax.tree.leaves(tasks)[0].shape[0]
+    step_size = config.inner_lr if inner_lr is None else inner_lr
 
     def phase(params, inputs):
         phase_key, is_inner_phase = inputs
@@ -49,7 +52,7 @@ def sample_adaptation_phases(env: TaskEnv, policy: GaussianPolicy, config: Sampl
 
         def adapt(params):
             return jax.vmap(inner_update, in_axes=(None, None, 0, 0, None))(
-                inner_loss, policy, params, batch, config.inner_lr)
+                inner_loss, policy, params, batch, step_size)
 
         return jax.lax.cond(is_inner_phase, adapt, lambda p: p, params), batch
 
