@@ -14,7 +14,7 @@ for algo in "${algos[@]}"; do
   config=experiments/$(echo "$algo" | tr - _)_point_nav.yaml
   for seed in 0 1 2; do
     out=runs/compare_point_nav/${algo}_seed${seed}
-    if [ ! -f "$out/checkpoints/100/_CHECKPOINT_METADATA" ] && [ ! -d "$out/checkpoints/100" ]; then
+    if [ ! -d "$out/checkpoints/100" ]; then
       "$METARL" train --config "$config" --seed "$seed" --out "$out" --force --quiet
     fi
     runs+=("$out")

@@ -12,10 +12,14 @@ import pathlib
 import statistics
 
 
-def window_means(run_dir: pathlib.Path, first: int, last: int) -> dict:
+def window_means(run_dir: pathlib.Path, first: int, last: int,
+                 at_steps: int | None = None) -> dict:
     with open(run_dir / "metrics.jsonl") as f:
         records = [json.loads(line) for line in f]
-    window = [r for r in records if first <= r["iteration"] <= last]
+    if at_steps is not None:  # the last 20 % of the budget, whatever the iteration size
+        window = [r for r in records if 0.8 * at_steps < r["env_steps"] <= at_steps]
+    else:
+        window = [r for r in records if first <= r["iteration"] <= last]
     if not window:
         raise SystemExit(f"{run_dir}: no iterations in [{first}, {last}]")
     pre = statistics.fmean(r["pre_return"] for r in window)
@@ -29,8 +33,10 @@ def main():
     parser.add_argument("runs", nargs="+", type=pathlib.Path)
     parser.add_argument("--first", type=int, default=80)
     parser.add_argument("--last", type=int, default=100)
+    parser.add_argument("--at-steps", type=int, help="window: env steps in (0.8·S, S] "
+                        "instead of iterations (to compare at equal sample budgets)")
     args = parser.parse_args()
-    rows = [window_means(run, args.first, args.last) for run in args.runs]
+    rows = [window_means(run, args.first, args.last, args.at_steps) for run in args.runs]
     print("| run | pre_return | post_return | post − pre | env steps | wall time (s) |\n"
           "|---|---|---|---|---|---|")
     for r in rows:

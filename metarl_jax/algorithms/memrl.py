@@ -34,7 +34,7 @@ class MEMRLConfig(SamplingConfig):
     (experiments/README.md). `inner_lr` is α, `inner_steps` is K."""
 
     inner_steps: int = field(5, **at_least(1))
-    proximal_lambda: float = field(1.0, **positive())  # λ
+    proximal_lambda: float = field(2.0, **positive())  # λ
     meta_lr: float = field(1.0, **positive())  # β
     meta_optimizer: str = field("sgd", **one_of("sgd", "adam"))
 
