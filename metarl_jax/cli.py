@@ -72,6 +72,9 @@ def train(algo, env_name, config_path, overrides, iterations, seed, out_dir, res
     try:
         history = trainer.train(config, out_dir, force=True, resume=resume_dir is not None,
                                 progress=not quiet)
+    except ConfigError as error:  # found while preparing (a demonstrations file, say)
+        click.echo(f"error: {error}", err=True)
+        sys.exit(EXIT_CONFIG_ERROR)
     except trainer.TrainingDiverged as error:
         click.echo(f"error: {error}", err=True)
         sys.exit(EXIT_DIVERGED)
@@ -146,6 +149,40 @@ def envs():
     for row in table:
         click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths))
                    + "  " + row[4])
+
+
+@main.command()
+@click.option("--env", "env_name", required=True, help="Task distribution (see `metarl envs`).")
+@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False),
+              help="Demonstrations file (.npz) to write.")
+@click.option("--tasks", "num_tasks", type=click.IntRange(min=1),
+              help="Training tasks, one expert each (default 40).")
+@click.option("--iterations", type=click.IntRange(min=1), help="PPO iterations (default 200).")
+@click.option("--seed", type=int, help="Random seed (tasks, training, demonstrations).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override an expert option (horizon=50, hidden_sizes=[32,32], "
+                   "env.backend=spring, ...). Repeatable.")
+@click.option("--quiet", is_flag=True, help="No progress lines.")
+def experts(env_name, out_path, num_tasks, iterations, seed, overrides, quiet):
+    """GMPS phase 1: train one PPO expert per task and write their demonstrations (and
+    parameters) to OUT."""
+    from metarl_jax import experts as expert_lib
+
+    try:
+        raw = parse_overrides(overrides)
+        flags = {"num_tasks": num_tasks, "iterations": iterations, "seed": seed}
+        raw = merge(raw, {k: v for k, v in flags.items() if v is not None})
+        env, config = expert_lib.resolve_expert_config(env_name, raw)
+        if os.path.isdir(out_path):
+            raise ConfigError(f"config: --out: {out_path} is a directory, expected a file")
+    except ConfigError as error:
+        click.echo(f"error: {error}", err=True)
+        sys.exit(EXIT_CONFIG_ERROR)
+    summary = expert_lib.run_experts(env, config, out_path, log=None if quiet else click.echo)
+    click.echo(f"experts: {summary['num_tasks']} tasks, mean return "
+               f"{summary['final_return']:.3f} (initial {summary['initial_return']:.3f}), "
+               f"{summary['env_steps']} env steps ({summary['training_env_steps']} training); "
+               f"demonstrations: {summary['real_steps']} steps; written: {summary['path']}")
 
 
 if __name__ == "__main__":

@@ -131,3 +131,47 @@ def test_gmps_configuration_errors():
         trainer.resolve_config({"algo": "gmps", "gmps": {"demo": "x.npz"}})
     with pytest.raises(trainer.ConfigError, match="meta_batch_size: at most gmps.num_train"):
         build(num_train_tasks=2)
+
+
+def test_demonstrations_mode_and_experts_mode_from_the_cli(tmp_path):
+    from click.testing import CliRunner
+
+    from metarl_jax.cli import main
+
+    demos = tmp_path / "demos.npz"
+    result = CliRunner().invoke(main, [
+        "experts", "--env", "point-nav", "--out", str(demos), "--tasks", "4",
+        "--iterations", "3", "--quiet", "--set", "horizon=12", "--set", "hidden_sizes=[8, 8]",
+        "--set", "episodes_per_iteration=2", "--set", "demos_per_task=2"])
+    assert result.exit_code == 0, result.output
+    common = ["--iterations", "2", "--quiet", "--set", "meta_batch_size=3",
+              "--set", "episodes_per_task=3", "--set", "horizon=12",
+              "--set", "hidden_sizes=[8, 8]", "--set", "gmps.num_train_tasks=4",
+              "--set", "gmps.imitation_steps=3", "--set", "gmps.buffer_size=200",
+              "--set", "gmps.expert_hidden_sizes=[8, 8]", "--set", "gmps.dagger_every=1"]
+    run = tmp_path / "demos_mode"
+    result = CliRunner().invoke(main, ["train", "--algo", "gmps", "--out", str(run),
+                                       "--set", f"gmps.demos={demos}", *common])
+    assert result.exit_code == 0, result.output
+    records = trainer.read_metrics(str(run))
+    assert [r["iteration"] for r in records] == [1, 2]
+    assert records[0]["expert_env_steps"] > 0
+    assert records[-1]["buffer_fill"] > records[0]["buffer_fill"]  # DAgger appended
+
+    experts_run = tmp_path / "experts_mode"
+    result = CliRunner().invoke(main, ["train", "--algo", "gmps", "--out", str(experts_run),
+                                       "--set", "gmps.expert_iterations=2", *common])
+    assert result.exit_code == 0, result.output
+    (first, _) = trainer.read_metrics(str(experts_run))
+    # PPO's steps (2 iterations × 4 tasks × 10 episodes × 12 steps) plus the recorded
+    # demonstrations, counted apart from the meta-training steps.
+    assert first["expert_env_steps"] >= 2 * 4 * 10 * 12
+    assert first["env_steps"] == 2 * 3 * 3 * 12
+
+    # A demonstrations file for another environment is refused before training.
+    bad = CliRunner().invoke(main, ["train", "--algo", "gmps", "--env", "halfcheetah-dir",
+                                    "--out", str(tmp_path / "bad"),
+                                    "--set", f"gmps.demos={demos}", *common])
+    assert bad.exit_code == 2
+    (line,) = [l for l in bad.output.splitlines() if l.startswith("error:")]
+    assert line.startswith("error: demonstrations") and "env" in line

@@ -126,7 +126,7 @@ class GMPS:
 
     def init(self, key: jax.Array) -> GMPSState:
         """A state of the right shapes, with an empty buffer; `prepare` fills it."""
-        c, g = self.config, self.config.gmps
+        g = self.config.gmps
         init_key, task_key, key = jax.random.split(key, 3)
         theta = self.policy.init(init_key)
         params = {"policy": theta,
@@ -155,9 +155,7 @@ class GMPS:
         if g.demos is not None:
             demos = experts_lib.load_demonstrations(g.demos, self.env)
         else:
-            demos = experts_lib.train_and_record(
-                self.env, state.train_tasks, g.expert_iterations,
-                tuple(g.expert_hidden_sizes), jax.random.PRNGKey(seed + 7919))
+            demos = self.train_experts(state.train_tasks, seed)
         T, D = demos.observations.shape[:2]
         if T != g.num_train_tasks:
             raise ConfigError(f"config: gmps.num_train_tasks: {g.num_train_tasks}, but the "
@@ -187,6 +185,27 @@ class GMPS:
             buffer_actions=jnp.asarray(actions, jnp.float32),
             buffer_counts=jnp.asarray(counts), buffer_next=jnp.asarray(counts % g.buffer_size),
             expert_params=expert_params)
+
+    def train_experts(self, tasks, seed: int):
+        """Experts mode: one PPO expert per training task (all vmapped, one compiled
+        program) and their demonstrations, as `metarl experts` would write them."""
+        from metarl_jax import experts as experts_lib
+
+        g = self.config.gmps
+        config = experts_lib.ExpertConfig(
+            num_tasks=g.num_train_tasks, iterations=g.expert_iterations,
+            horizon=self.config.horizon, hidden_sizes=tuple(g.expert_hidden_sizes), seed=seed)
+        train_key, demo_key = jax.random.split(jax.random.PRNGKey(seed + 7919))
+        expert_params, info = experts_lib.train_experts(self.env, tasks, config, train_key)
+        demos = experts_lib.collect_demonstrations(
+            self.env, self.expert_policy, expert_params, tasks, demo_key,
+            config.demos_per_task, self.config.horizon)
+        return experts_lib.Demonstrations(
+            env_name=self.env.name, observations=np.asarray(demos.observations),
+            actions=np.asarray(demos.actions), counts=np.asarray(demos.counts),
+            tasks=jax.device_get(tasks), expert_params=jax.device_get(expert_params),
+            hidden_sizes=tuple(g.expert_hidden_sizes),
+            expert_env_steps=int(info["env_steps"]) + int(demos.env_steps))
 
     def outer_loss(self, params, batch, demo_observations, demo_actions, demo_weights):
         """mean_i imitation(θ'_i), θ'_i = θ − α ⊙ ∇L_in(θ; batch_i) (batch [M, N, H])."""
