@@ -27,14 +27,16 @@ def main():
               help="Override one key (dotted for sections: env.backend=spring). Repeatable.")
 @click.option("--iterations", type=int, help="Number of meta-iterations (the total).")
 @click.option("--seed", type=int, help="Random seed.")
+@click.option("--devices", type=int, help="Shard the tasks over this many devices "
+              "(default: all).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False),
               help="Run directory for config.yaml, metrics.jsonl, checkpoints/, tensorboard/.")
 @click.option("--resume", "resume_dir", type=click.Path(file_okay=False),
               help="Continue the run in this directory from its last checkpoint.")
 @click.option("--force", is_flag=True, help="Overwrite a run already in --out.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def train(algo, env_name, config_path, overrides, iterations, seed, out_dir, resume_dir,
-          force, quiet):
+def train(algo, env_name, config_path, overrides, iterations, seed, devices, out_dir,
+          resume_dir, force, quiet):
     """Train a meta-policy; writes OUT/config.yaml, OUT/metrics.jsonl, checkpoints and
     TensorBoard events."""
     from metarl_jax import trainer
@@ -55,7 +57,7 @@ def train(algo, env_name, config_path, overrides, iterations, seed, out_dir, res
             out_dir = resume_dir
         else:
             raw = load_yaml(config_path) if config_path else dict(trainer.DEFAULT_EXPERIMENT)
-            flags = {"algo": algo, "iterations": iterations, "seed": seed}
+            flags = {"algo": algo, "iterations": iterations, "seed": seed, "devices": devices}
             raw = merge(raw, {k: v for k, v in flags.items() if v is not None})
             if env_name is not None:
                 raw = merge(raw, {"env": {"name": env_name}})

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 
 from metarl_jax.advantages import process_phase
 from metarl_jax.config import SamplingConfig
+from metarl_jax.distributed import shard_tasks
 from metarl_jax.envs.base import TaskEnv
 from metarl_jax.losses import inner_update, lvc_inner_loss
 from metarl_jax.policies import GaussianPolicy
@@ -43,6 +44,7 @@ def sample_adaptation_phases(env: TaskEnv, policy: GaussianPolicy, config: Sampl
     """
     num_tasks = jax.tree.leaves(tasks)[0].shape[0]
     step_size = config.inner_lr if inner_lr is None else inner_lr
+    tasks = shard_tasks(tasks)  # the task axis over the devices, when a mesh is active
 
     def phase(params, inputs):
         phase_key, is_inner_phase = inputs
@@ -60,7 +62,7 @@ def sample_adaptation_phases(env: TaskEnv, policy: GaussianPolicy, config: Sampl
     # Brax bodies that halves compile time); the post-update phase skips the step.
     phase_keys = jax.random.split(key, config.inner_steps + 1)
     is_inner_phase = jnp.arange(config.inner_steps + 1) < config.inner_steps
-    adapted, batches = jax.lax.scan(phase, broadcast_to_tasks(theta, num_tasks),
+    adapted, batches = jax.lax.scan(phase, shard_tasks(broadcast_to_tasks(theta, num_tasks)),
                                     (phase_keys, is_inner_phase))
     pre_batches = jax.tree.map(lambda x: jnp.swapaxes(x[:-1], 0, 1), batches)
     post_batch = jax.tree.map(lambda x: x[-1], batches)

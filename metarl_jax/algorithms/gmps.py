@@ -31,6 +31,7 @@ import optax
 from metarl_jax.algorithms.common import (sample_adaptation_phases, standard_advantages)
 from metarl_jax.config import (ConfigError, SamplingConfig, at_least, field, one_of,
                                positive)
+from metarl_jax.distributed import shard_tasks
 from metarl_jax.envs.base import TaskEnv
 from metarl_jax.losses import (imitation_loss, importance_weighted_pg_loss, inner_update,
                                log_likelihood_loss)
@@ -240,7 +241,7 @@ class GMPS:
         # 1. M of the T training tasks; episodes of π_θ with their advantages.
         task_ids = jax.random.choice(choice_key, g.num_train_tasks, (c.meta_batch_size,),
                                      replace=False)
-        tasks = jax.tree.map(lambda x: x[task_ids], state.train_tasks)
+        tasks = shard_tasks(jax.tree.map(lambda x: x[task_ids], state.train_tasks))
         theta = state.params["policy"]
         batch = standard_advantages(collect(self.env, self.policy, theta, tasks, sample_key,
                                             c.episodes_per_task, c.horizon,
