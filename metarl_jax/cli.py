@@ -35,11 +35,17 @@ def main():
               help="Continue the run in this directory from its last checkpoint.")
 @click.option("--force", is_flag=True, help="Overwrite a run already in --out.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--coordinator", help="host:port of process 0, to train as one of several "
+              "processes (or METARL_COORDINATOR).")
+@click.option("--num-processes", type=int, help="Processes in the run (METARL_NUM_PROCESSES).")
+@click.option("--process-id", type=int, help="This process's rank (METARL_PROCESS_ID).")
 def train(algo, env_name, config_path, overrides, iterations, seed, devices, out_dir,
-          resume_dir, force, quiet):
+          resume_dir, force, quiet, coordinator, num_processes, process_id):
     """Train a meta-policy; writes OUT/config.yaml, OUT/metrics.jsonl, checkpoints and
     TensorBoard events."""
-    from metarl_jax import trainer
+    from metarl_jax import distributed, trainer
+
+    distributed.initialize(coordinator, num_processes, process_id)
 
     try:
         if resume_dir is not None:
@@ -66,7 +72,10 @@ def train(algo, env_name, config_path, overrides, iterations, seed, devices, out
             if out_dir is None:
                 out_dir = os.path.join("runs", f"{config.run.algo}_{config.run.env.name}"
                                                f"_seed{config.run.seed}")
-            trainer.prepare_output_dir(out_dir, force)
+            import jax
+
+            if jax.process_index() == 0:  # one process checks and clears the directory
+                trainer.prepare_output_dir(out_dir, force)
     except ConfigError as error:
         click.echo(f"error: {error}", err=True)
         sys.exit(EXIT_CONFIG_ERROR)

@@ -64,3 +64,30 @@ def check_divisible(meta_batch_size: int, sharding: NamedSharding) -> None:
     if meta_batch_size % devices:
         raise ConfigError(f"config: meta_batch_size: {meta_batch_size} tasks do not split "
                           f"evenly over {devices} devices; use a multiple of {devices}")
+
+
+def barrier(name: str) -> None:
+    """Waits for every process (a no-op in a single process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def initialize(coordinator: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None) -> None:
+    """Joins a multi-process run (`jax.distributed.initialize`), from the arguments or
+    the environment variables METARL_COORDINATOR (host:port of process 0),
+    METARL_NUM_PROCESSES and METARL_PROCESS_ID; does nothing when neither is given.
+    On CPU the processes exchange data through gloo collectives."""
+    import os
+
+    coordinator = coordinator or os.environ.get("METARL_COORDINATOR")
+    if coordinator is None:
+        return
+    num_processes = num_processes or int(os.environ["METARL_NUM_PROCESSES"])
+    if process_id is None:
+        process_id = int(os.environ["METARL_PROCESS_ID"])
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
+                               process_id=process_id)

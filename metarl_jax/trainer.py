@@ -199,9 +199,13 @@ def _poison(state):
 
 def train(config: RunConfig, out_dir: str | None = None, force: bool = False,
           resume: bool = False, progress: bool = True,
-          on_iteration: Callable[[dict], None] | None = None) -> list[dict]:
+          on_iteration: Callable[[dict], None] | None = None, return_state: bool = False):
     """Runs meta-iterations up to `config.run.iterations`; returns the metrics of the
-    iterations run by this call.
+    iterations run by this call (and the final training state, with `return_state`).
+
+    Under `jax.distributed` (several processes), every process runs this same loop on
+    the global device mesh; only process 0 writes the run's files, while all of them
+    take part in checkpointing (orbax coordinates them).
 
     With `out_dir`: writes `config.yaml` (the resolved configuration), appends one JSON
     line per iteration to `metrics.jsonl`, logs the same scalars to TensorBoard
@@ -218,11 +222,13 @@ def train(config: RunConfig, out_dir: str | None = None, force: bool = False,
     state = algorithm.init(jax.random.PRNGKey(run.seed))
     first_iteration, env_steps, elapsed_before = 1, 0, 0.0
     checkpointer = None
+    primary = jax.process_index() == 0
     if out_dir is not None:
-        if not resume:
+        if not resume and primary:
             prepare_output_dir(out_dir, force)
             with open(os.path.join(out_dir, "config.yaml"), "w") as f:
                 yaml.safe_dump(config.to_dict(), f, sort_keys=False)
+        distributed.barrier("run directory prepared")
         checkpointer = Checkpointer(os.path.join(out_dir, CHECKPOINT_DIR),
                                     max_to_keep=run.keep_checkpoints)
         if resume:
@@ -233,7 +239,8 @@ def train(config: RunConfig, out_dir: str | None = None, force: bool = False,
                 env_steps, elapsed_before = int(host["env_steps"]), float(host["time_s"])
                 for name, value in host.get("algorithm", {}).items():
                     setattr(algorithm, name, value)
-            _truncate_metrics(out_dir, first_iteration - 1)
+            if primary:
+                _truncate_metrics(out_dir, first_iteration - 1)
     elif resume:
         raise ValueError("resume needs the run directory")
     if first_iteration == 1 and hasattr(algorithm, "prepare"):
@@ -254,13 +261,13 @@ def train(config: RunConfig, out_dir: str | None = None, force: bool = False,
                                  in_shardings=replicated, out_shardings=replicated
                                  ).lower(state).compile()
     metrics_file = writer = bar = None
-    if out_dir is not None:
+    if out_dir is not None and primary:
         metrics_file = open(os.path.join(out_dir, "metrics.jsonl"), "a")
         from tensorboardX import SummaryWriter
 
         writer = SummaryWriter(os.path.join(out_dir, TENSORBOARD_DIR),
                                purge_step=first_iteration)
-    if progress:
+    if progress and primary:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=run.iterations, initial=first_iteration - 1, unit="it",
@@ -326,7 +333,7 @@ def train(config: RunConfig, out_dir: str | None = None, force: bool = False,
         for handle in (bar, metrics_file, writer, checkpointer):
             if handle is not None:
                 handle.close()
-    return history
+    return (history, state) if return_state else history
 
 
 def describe_envs() -> list[dict]:

@@ -68,7 +68,7 @@ def test_one_iteration_of_each_brax_task(tmp_path, env_name):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--algo", "nope"], "algo: unknown algorithm 'nope'; allowed: promp"),
+    (["--algo", "nope"], "algo: unknown algorithm 'nope'; allowed: dice-vpg, emaml-trpo"),
     (["--env", "nope"], "env.name: unknown environment 'nope'; allowed: ant-dir"),
     (["--set", "inner_lr=fast"], "inner_lr: expected float, got 'fast'"),
     (["--set", "meta_batch_size=0"], "meta_batch_size: 0 not allowed; expected >= 1"),
