@@ -9,7 +9,9 @@ steps after it.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import io
 
 import jax
 import jax.numpy as jnp
@@ -23,9 +25,12 @@ BRAX_BACKENDS = ("generalized", "positional", "spring", "mjx")
 def _brax_env(brax_name: str, backend: str):
     # Loading and parsing the MJCF model takes a second; every task of the same body
     # and backend can share one Brax environment since it holds no task information.
-    from brax import envs as brax_envs
+    # MuJoCo's optional warp backend prints to stdout when warp is absent: keep our
+    # command-line output clean of it.
+    with contextlib.redirect_stdout(io.StringIO()):
+        from brax import envs as brax_envs
 
-    return brax_envs.get_environment(brax_name, backend=backend)
+        return brax_envs.get_environment(brax_name, backend=backend)
 
 
 class BraxTaskEnv(TaskEnv):
