@@ -58,6 +58,8 @@ def main():
     parser.add_argument("--iterations", type=int, default=100)
     parser.add_argument("--resamples", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-dice-baseline", action="store_true",
+                        help="DiCE on γ^t r_t without the linear baseline")
     args = parser.parse_args()
 
     base = {**trainer.DEFAULT_EXPERIMENT, "env": {"name": args.env}, "seed": args.seed,
@@ -68,7 +70,8 @@ def main():
         trainer.train(run_config, args.out, force=True, progress=True)
 
     estimators = {name: trainer.build(trainer.resolve_config(
-        {**base, "algo": name, **({"dice_baseline": True} if name == "dice-vpg" else {})}))[2]
+        {**base, "algo": name,
+         **({"dice_baseline": not args.no_dice_baseline} if name == "dice-vpg" else {})}))[2]
         for name in ("lvc-vpg", "dice-vpg")}
     gradient_fns = {name: meta_gradient_fn(a) for name, a in estimators.items()}
     checkpointer = Checkpointer(os.path.join(args.out, "checkpoints"))
@@ -98,9 +101,11 @@ def main():
     text = "\n".join(table) + f"\n\nMean DiCE / LVC ratio over the checkpoints: {mean_ratio:.2f}\n"
     print(text)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    with open(os.path.join(HERE, "gradient_variance.md"), "w") as f:
+    suffix = "_no_dice_baseline" if args.no_dice_baseline else ""
+    with open(os.path.join(HERE, f"gradient_variance{suffix}.md"), "w") as f:
         f.write(f"# Meta-gradient relative standard deviation, {args.env}\n\n"
-                f"`python experiments/gradient_variance.py` ({stamp}; lvc-vpg run, seed "
+                f"`python experiments/gradient_variance.py"
+                f"{' --no-dice-baseline' if suffix else ''}` ({stamp}; lvc-vpg run, seed "
                 f"{args.seed}, {args.resamples} re-sampled meta-batches of M = 20 tasks × "
                 f"N = 20 episodes per checkpoint; CPU).\n\n{text}")
 

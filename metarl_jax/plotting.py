@@ -33,9 +33,12 @@ def _group_runs(run_dirs):
 
 
 def _label(run_dirs, all_groups):
-    config = load_run_config(run_dirs[0]).to_dict()
-    label = f"{config['algo']} on {config['env']['name']}"
-    if len(all_groups) > 1:
+    def name(group):
+        config = load_run_config(group[0]).to_dict()
+        return f"{config['algo']} on {config['env']['name']}"
+
+    label = name(run_dirs)
+    if sum(name(group) == label for group in all_groups) > 1:  # same algo and env twice
         label += f" ({os.path.basename(os.path.normpath(run_dirs[0]))})"
     return label + f", {len(run_dirs)} seed{'s' if len(run_dirs) > 1 else ''}"
 
