@@ -16,6 +16,24 @@ from metarl_jax.policies import GaussianPolicy
 from metarl_jax.rollout import Trajectories, collect
 
 
+class MetaLearner:
+    """What every meta-learner shares: its configuration (the horizon resolved to the
+    environment's default), the task distribution and the policy."""
+
+    def __init__(self, config, env: TaskEnv, policy: GaussianPolicy):
+        if config.horizon is None:
+            config = dataclasses.replace(config, horizon=env.horizon)
+        self.config = config
+        self.env = env
+        self.policy = policy
+
+    @property
+    def env_steps_per_iteration(self) -> int:
+        """M·N·H per sampling phase, K inner phases plus the post-update one."""
+        c = self.config
+        return c.meta_batch_size * c.episodes_per_task * c.horizon * (c.inner_steps + 1)
+
+
 def broadcast_to_tasks(params, num_tasks: int):
     return jax.tree.map(lambda x: jnp.broadcast_to(x, (num_tasks,) + x.shape), params)
 

@@ -28,7 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from metarl_jax.algorithms.common import (sample_adaptation_phases, standard_advantages)
+from metarl_jax.algorithms.common import (MetaLearner, sample_adaptation_phases,
+                                          standard_advantages)
 from metarl_jax.config import (ConfigError, SamplingConfig, at_least, field, one_of,
                                positive)
 from metarl_jax.distributed import shard_tasks
@@ -90,21 +91,17 @@ def append_to_buffer(observations, actions, counts, next_slot, new_observations,
             (next_slot + added) % capacity)
 
 
-class GMPS:
+class GMPS(MetaLearner):
     name = "gmps"
     config_class = GMPSConfig
 
     def __init__(self, config: GMPSConfig, env: TaskEnv, policy: GaussianPolicy):
-        if config.horizon is None:
-            config = dataclasses.replace(config, horizon=env.horizon)
         if config.inner_steps != 1:
             raise ConfigError("config: inner_steps: gmps takes one inner step; expected 1")
         if config.meta_batch_size > config.gmps.num_train_tasks:
             raise ConfigError("config: meta_batch_size: at most gmps.num_train_tasks "
                               f"({config.gmps.num_train_tasks}) for gmps")
-        self.config = config
-        self.env = env
-        self.policy = policy
+        super().__init__(config, env, policy)
         self.expert_policy = GaussianPolicy(env.observation_size, env.action_size,
                                             tuple(config.gmps.expert_hidden_sizes))
         self.optimizer = optax.adam(config.outer_lr, b1=0.9, b2=0.999, eps=1e-8)

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import optax
 
 from metarl_jax.advantages import dice_adjusted_rewards
-from metarl_jax.algorithms.common import (adaptation_returns, phase_returns,
+from metarl_jax.algorithms.common import (MetaLearner, adaptation_returns, phase_returns,
                                           sample_adaptation_phases, standard_advantages)
 from metarl_jax.config import SamplingConfig, at_least, check, field, positive
 from metarl_jax.envs.base import TaskEnv
@@ -91,7 +91,7 @@ def emaml_exploration_term(policy: GaussianPolicy, adapted_per_step, pre_batches
     return -post_returns * jnp.mean(jnp.stack(terms))
 
 
-class MAMLFamily:
+class MAMLFamily(MetaLearner):
     """One MAML-family variant; subclasses fix the losses and the optimiser."""
 
     name: str
@@ -102,20 +102,11 @@ class MAMLFamily:
     exploration: bool = False
 
     def __init__(self, config, env: TaskEnv, policy: GaussianPolicy):
-        if config.horizon is None:
-            config = dataclasses.replace(config, horizon=env.horizon)
-        self.config = config
-        self.env = env
-        self.policy = policy
+        super().__init__(config, env, policy)
         self.inner_loss = INNER_LOSSES[self.inner]
         self.outer_loss = OUTER_LOSSES[self.outer]
         if self.optimizer_kind == "adam":
             self.optimizer = optax.adam(config.outer_lr, b1=0.9, b2=0.999, eps=1e-8)
-
-    @property
-    def env_steps_per_iteration(self) -> int:
-        c = self.config
-        return c.meta_batch_size * c.episodes_per_task * c.horizon * (c.inner_steps + 1)
 
     def process(self, batch: Trajectories, config) -> Trajectories:
         if self.inner == "dice":

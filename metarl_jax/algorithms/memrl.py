@@ -21,7 +21,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from metarl_jax.algorithms.common import phase_returns, sample_adaptation_phases
+from metarl_jax.algorithms.common import (MetaLearner, phase_returns,
+                                          sample_adaptation_phases)
 from metarl_jax.config import SamplingConfig, at_least, field, one_of, positive
 from metarl_jax.envs.base import TaskEnv
 from metarl_jax.losses import log_likelihood_loss
@@ -68,23 +69,14 @@ def moreau_meta_gradient(theta, adapted_per_task, proximal_lambda: float):
                         theta, adapted_per_task)
 
 
-class MEMRL:
+class MEMRL(MetaLearner):
     name = "memrl"
     config_class = MEMRLConfig
 
     def __init__(self, config: MEMRLConfig, env: TaskEnv, policy: GaussianPolicy):
-        if config.horizon is None:
-            config = dataclasses.replace(config, horizon=env.horizon)
-        self.config = config
-        self.env = env
-        self.policy = policy
+        super().__init__(config, env, policy)
         self.optimizer = (optax.sgd(config.meta_lr) if config.meta_optimizer == "sgd"
                           else optax.adam(config.meta_lr))
-
-    @property
-    def env_steps_per_iteration(self) -> int:
-        c = self.config
-        return c.meta_batch_size * c.episodes_per_task * c.horizon * (c.inner_steps + 1)
 
     def init(self, key: jax.Array) -> MEMRLState:
         init_key, key = jax.random.split(key)

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from metarl_jax.algorithms.common import (adaptation_returns, phase_returns,
+from metarl_jax.algorithms.common import (MetaLearner, adaptation_returns, phase_returns,
                                           sample_adaptation_phases)
 from metarl_jax.config import SamplingConfig, at_least, field, positive
 from metarl_jax.envs.base import TaskEnv
@@ -52,24 +52,15 @@ def adapt_kl_coeffs(kl_coeffs: jax.Array, kls: jax.Array, kl_target: float) -> j
     return jnp.where(kls > kl_target * 1.5, kl_coeffs * 2.0, kl_coeffs)
 
 
-class ProMP:
+class ProMP(MetaLearner):
     """Builds ProMP's state and its jittable `meta_iteration(state) -> (state, metrics)`."""
 
     name = "promp"
     config_class = ProMPConfig
 
     def __init__(self, config: ProMPConfig, env: TaskEnv, policy: GaussianPolicy):
-        if config.horizon is None:
-            config = dataclasses.replace(config, horizon=env.horizon)
-        self.config = config
-        self.env = env
-        self.policy = policy
+        super().__init__(config, env, policy)
         self.optimizer = optax.adam(config.outer_lr, b1=0.9, b2=0.999, eps=1e-8)
-
-    @property
-    def env_steps_per_iteration(self) -> int:
-        c = self.config
-        return c.meta_batch_size * c.episodes_per_task * c.horizon * (c.inner_steps + 1)
 
     def init(self, key: jax.Array) -> ProMPState:
         init_key, key = jax.random.split(key)
