@@ -19,7 +19,6 @@ import os
 import statistics
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 

@@ -144,7 +144,10 @@ def _exact_quantities():
     grad_j = jax.grad(expected_return)
     hess_j = jax.hessian(expected_return)(theta)
     phi_star = theta + ALPHA * grad_j(theta)
-    maml_objective = lambda th: expected_return(th + ALPHA * grad_j(th))
+
+    def maml_objective(th):
+        return expected_return(th + ALPHA * grad_j(th))
+
     return dict(
         probs_sum=jnp.sum(probs),
         grad=grad_j(theta), hess=hess_j, h1=h1, h2=h2,

@@ -173,5 +173,5 @@ def test_demonstrations_mode_and_experts_mode_from_the_cli(tmp_path):
                                     "--out", str(tmp_path / "bad"),
                                     "--set", f"gmps.demos={demos}", *common])
     assert bad.exit_code == 2
-    (line,) = [l for l in bad.output.splitlines() if l.startswith("error:")]
+    (line,) = [text for text in bad.output.splitlines() if text.startswith("error:")]
     assert line.startswith("error: demonstrations") and "env" in line
