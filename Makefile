@@ -18,7 +18,7 @@ train: $(STAMP)
 	@echo "Results: runs/promp_point_nav/metrics.jsonl (configuration in runs/promp_point_nav/config.yaml)"
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
