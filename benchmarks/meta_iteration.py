@@ -67,6 +67,13 @@ def timed(fn, *args, repeats: int):
 
 def bench_setting(algo: str, name: str, backend: str, repeats: int) -> dict:
     env_name, meta_batch, episodes, horizon = SETTINGS[name]
+    return bench(algo, env_name, meta_batch, episodes, horizon, backend, repeats, name)
+
+
+def bench(algo: str, env_name: str, meta_batch: int, episodes: int, horizon: int,
+          backend: str = "generalized", repeats: int = 5, name: str | None = None) -> dict:
+    """Compile time, seconds per meta-iteration and the rollout-only floor of one setting."""
+    name = name or env_name
     run_config = trainer.resolve_config({
         "algo": algo, "env": {"name": env_name, "backend": backend},
         "meta_batch_size": meta_batch, "episodes_per_task": episodes, "horizon": horizon})
