@@ -102,16 +102,18 @@ def phase_returns(pre_batches: Trajectories, post_batch: Trajectories) -> dict:
 def adaptation_returns(env: TaskEnv, policy: GaussianPolicy, config: SamplingConfig, params,
                        key: jax.Array, num_tasks: int, adapt_steps: int,
                        episodes_per_task: int, inner_loss=lvc_inner_loss,
-                       process=standard_advantages) -> jax.Array:
+                       process=standard_advantages, inner_lr=None) -> jax.Array:
     """Adaptation on freshly sampled tasks: `adapt_steps` inner steps from θ with fresh
-    episodes every step. Returns each task's mean episode return after 0, 1, …,
-    `adapt_steps` steps, shape [num_tasks, adapt_steps + 1]."""
+    episodes every step (step size `inner_lr`, default `config.inner_lr`). Returns each
+    task's mean episode return after 0, 1, …, `adapt_steps` steps, shape
+    [num_tasks, adapt_steps + 1]."""
     config = dataclasses.replace(config, meta_batch_size=num_tasks, inner_steps=adapt_steps,
                                  episodes_per_task=episodes_per_task)
     task_key, sample_key = jax.random.split(key)
     tasks = env.sample_tasks(task_key, num_tasks)
     pre_batches, post_batch = sample_adaptation_phases(env, policy, config, params, tasks,
-                                                       sample_key, inner_loss, process)
+                                                       sample_key, inner_loss, process,
+                                                       inner_lr=inner_lr)
     before_last = jnp.mean(pre_batches.episode_returns(), axis=-1)  # [M, K]
     last = jnp.mean(post_batch.episode_returns(), axis=-1)[:, None]
     return jnp.concatenate([before_last, last], axis=1)

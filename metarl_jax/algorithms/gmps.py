@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from metarl_jax.algorithms.common import (MetaLearner, sample_adaptation_phases,
+from metarl_jax.algorithms.common import (MetaLearner, adaptation_returns,
                                           standard_advantages)
 from metarl_jax.config import (ConfigError, SamplingConfig, at_least, field, one_of,
                                positive)
@@ -220,16 +220,9 @@ class GMPS(MetaLearner):
 
     def adaptation_returns(self, params, key, num_tasks, adapt_steps, episodes_per_task):
         """Meta-test: ordinary PG steps from θ with the learned step sizes, fresh tasks."""
-        config = dataclasses.replace(self.config, meta_batch_size=num_tasks,
-                                     inner_steps=adapt_steps,
-                                     episodes_per_task=episodes_per_task)
-        task_key, sample_key = jax.random.split(key)
-        tasks = self.env.sample_tasks(task_key, num_tasks)
-        pre, post = sample_adaptation_phases(self.env, self.policy, config, params["policy"],
-                                             tasks, sample_key, log_likelihood_loss,
-                                             inner_lr=self.step_sizes(params))
-        before_last = jnp.mean(pre.episode_returns(), axis=-1)
-        return jnp.concatenate([before_last, jnp.mean(post.episode_returns(), -1)[:, None]], 1)
+        return adaptation_returns(self.env, self.policy, self.config, params["policy"], key,
+                                  num_tasks, adapt_steps, episodes_per_task,
+                                  log_likelihood_loss, inner_lr=self.step_sizes(params))
 
     def meta_iteration(self, state: GMPSState):
         c, g = self.config, self.config.gmps

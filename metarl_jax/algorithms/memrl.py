@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from metarl_jax.algorithms.common import (MetaLearner, phase_returns,
+from metarl_jax.algorithms.common import (MetaLearner, adaptation_returns, phase_returns,
                                           sample_adaptation_phases)
 from metarl_jax.config import SamplingConfig, at_least, field, one_of, positive
 from metarl_jax.envs.base import TaskEnv
@@ -89,25 +89,17 @@ class MEMRL(MetaLearner):
         lam = self.config.proximal_lambda
         return lambda policy, params, batch: proximal_loss(policy, params, batch, theta, lam)
 
-    def adapt_and_sample(self, theta, tasks, key, config=None):
+    def adapt_and_sample(self, theta, tasks, key):
         """K proximal steps from θ on fresh episodes, then the episodes of φ^K.
 
         Returns (pre_batches [M, K], post_batch [M], φ^K per task [M])."""
-        config = config or self.config
-        pre, post, adapted = sample_adaptation_phases(
-            self.env, self.policy, config, theta, tasks, key, self.inner_loss(theta),
-            return_adapted=True)
-        return pre, post, adapted
+        return sample_adaptation_phases(self.env, self.policy, self.config, theta, tasks, key,
+                                        self.inner_loss(theta), return_adapted=True)
 
     def adaptation_returns(self, params, key, num_tasks, adapt_steps, episodes_per_task):
-        config = dataclasses.replace(self.config, meta_batch_size=num_tasks,
-                                     inner_steps=adapt_steps,
-                                     episodes_per_task=episodes_per_task)
-        task_key, sample_key = jax.random.split(key)
-        tasks = self.env.sample_tasks(task_key, num_tasks)
-        pre, post, _ = self.adapt_and_sample(params, tasks, sample_key, config)
-        before_last = jnp.mean(pre.episode_returns(), axis=-1)
-        return jnp.concatenate([before_last, jnp.mean(post.episode_returns(), -1)[:, None]], 1)
+        """The same K proximal steps from θ on new tasks, [num_tasks, adapt_steps + 1]."""
+        return adaptation_returns(self.env, self.policy, self.config, params, key, num_tasks,
+                                  adapt_steps, episodes_per_task, self.inner_loss(params))
 
     def meta_iteration(self, state: MEMRLState):
         c = self.config
