@@ -153,13 +153,13 @@ def envs():
     from metarl_jax import trainer
 
     rows = trainer.describe_envs()
-    header = ("name", "obs", "act", "horizon", "tasks")
+    header = ("name", "obs", "act", "horizon", "body", "tasks")
     table = [header] + [(r["name"], str(r["observation_size"]), str(r["action_size"]),
-                         str(r["horizon"]), r["tasks"]) for r in rows]
-    widths = [max(len(row[i]) for row in table) for i in range(4)]
+                         str(r["horizon"]), r["body"], r["tasks"]) for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(5)]
     for row in table:
         click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths))
-                   + "  " + row[4])
+                   + "  " + row[5])
 
 
 @main.command()

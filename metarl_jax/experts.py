@@ -668,7 +668,7 @@ def run_experts(env: TaskEnv, config: ExpertConfig, out_path,
     Keys: PRNGKey(seed) is split into (tasks, training, demonstrations).
     """
     task_key, train_key, demo_key = jax.random.split(jax.random.PRNGKey(config.seed), 3)
-    tasks = env.sample_tasks(task_key, config.num_tasks)
+    tasks = env.training_tasks(task_key, config.num_tasks)
     every = max(1, config.iterations // 10)
 
     def progress(iteration, metrics):

@@ -104,7 +104,7 @@ def build(config: RunConfig):
     env = make_env(config.run.env.name, backend=config.run.env.backend,
                    horizon=config.algorithm.horizon)
     policy = GaussianPolicy(env.observation_size, env.action_size,
-                            tuple(config.algorithm.hidden_sizes))
+                            tuple(config.algorithm.hidden_sizes), config.algorithm.activation)
     algorithm = ALGORITHMS[config.run.algo](config.algorithm, env, policy)
     return env, policy, algorithm
 

@@ -101,6 +101,12 @@ class GMPS(MetaLearner):
         if config.meta_batch_size > config.gmps.num_train_tasks:
             raise ConfigError("config: meta_batch_size: at most gmps.num_train_tasks "
                               f"({config.gmps.num_train_tasks}) for gmps")
+        task_set = env.task_set()
+        if task_set is not None:
+            size = jax.tree.leaves(task_set)[0].shape[0]
+            if config.gmps.num_train_tasks > size:
+                raise ConfigError(f"config: gmps.num_train_tasks: {env.name} has {size} "
+                                  f"tasks; expected at most {size}")
         super().__init__(config, env, policy)
         self.expert_policy = GaussianPolicy(env.observation_size, env.action_size,
                                             tuple(config.gmps.expert_hidden_sizes))
@@ -138,7 +144,7 @@ class GMPS(MetaLearner):
         return GMPSState(
             params=params, opt_state=self.optimizer.init(params), key=key,
             iteration=jnp.zeros((), jnp.int32),
-            train_tasks=self.env.sample_tasks(task_key, T),
+            train_tasks=self.env.training_tasks(task_key, T),
             buffer_observations=jnp.zeros((T, B, self.env.observation_size)),
             buffer_actions=jnp.zeros((T, B, self.env.action_size)),
             buffer_counts=jnp.zeros((T,), jnp.int32), buffer_next=jnp.zeros((T,), jnp.int32),

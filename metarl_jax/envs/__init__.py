@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 from metarl_jax.envs.base import EnvState, TaskEnv, scale_locomotion_action
-from metarl_jax.envs.locomotion import (BRAX_BACKENDS, AntDirection, BraxTaskEnv,
-                                        HalfCheetahDirection, HalfCheetahVelocity)
+from metarl_jax.envs.locomotion import (BRAX_BACKENDS, AntDirection, AntDirection2D, AntGoal,
+                                        AntGoalRing, AntGoalRingSparse, BraxTaskEnv,
+                                        HalfCheetahDirection, HalfCheetahVelocity,
+                                        HopperParameters, HumanoidDirection,
+                                        HumanoidDirection2D, PhysicsParameters,
+                                        WalkerDirection, WalkerParameters, WalkerVelocity)
 from metarl_jax.envs.point_nav import PointNav
 
 ENVIRONMENTS: dict[str, type[TaskEnv]] = {
     cls.name: cls
-    for cls in (PointNav, HalfCheetahDirection, HalfCheetahVelocity, AntDirection)
+    for cls in (PointNav, HalfCheetahDirection, HalfCheetahVelocity, AntDirection,
+                AntDirection2D, AntGoal, AntGoalRing, AntGoalRingSparse, WalkerDirection,
+                WalkerVelocity, HopperParameters, WalkerParameters, HumanoidDirection,
+                HumanoidDirection2D)
 }
 
 
@@ -35,4 +42,4 @@ def make_env(name: str, **options) -> TaskEnv:
 
 
 __all__ = ["EnvState", "TaskEnv", "make_env", "env_names", "ENVIRONMENTS", "BRAX_BACKENDS",
-           "scale_locomotion_action"]
+           "BraxTaskEnv", "PhysicsParameters", "scale_locomotion_action"]

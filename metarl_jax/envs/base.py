@@ -66,12 +66,35 @@ class TaskEnv(abc.ABC):
     def step(self, state: EnvState, action: jax.Array, task: Task) -> EnvState:
         """Applies the policy's raw `action` (scaling and clipping happen here)."""
 
+    def task_set(self) -> Task | None:
+        """The finite set of tasks the distribution draws from, leading axis the set
+        size, or None when the distribution is continuous."""
+        return None
+
+    def training_tasks(self, key: jax.Array, num_tasks: int) -> Task:
+        """A finite meta-training set of `num_tasks` tasks (GMPS, experts).
+
+        A finite distribution contributes its own tasks, evenly thinned when fewer are
+        asked for (the 40 ring goals, in order, for 40); a continuous one `num_tasks`
+        draws.
+        """
+        task_set = self.task_set()
+        if task_set is None:
+            return self.sample_tasks(key, num_tasks)
+        size = jax.tree.leaves(task_set)[0].shape[0]
+        if num_tasks > size:
+            raise ValueError(f"{self.name} has {size} tasks; "
+                             f"asked for {num_tasks}")
+        index = jnp.round(jnp.linspace(0, size - 1, num_tasks)).astype(jnp.int32)
+        return jax.tree.map(lambda leaf: leaf[index], task_set)
+
     def describe(self) -> dict:
         return {
             "name": self.name,
             "observation_size": self.observation_size,
             "action_size": self.action_size,
             "horizon": self.horizon,
+            "body": getattr(self, "brax_name", "pure JAX"),
             "tasks": self.task_distribution,
         }
 
