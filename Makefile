@@ -17,8 +17,9 @@ train: $(STAMP)
 	$(BIN)/metarl train --config experiments/promp_point_nav.yaml --out runs/promp_point_nav --force
 	@echo "Results: runs/promp_point_nav/metrics.jsonl (configuration in runs/promp_point_nav/config.yaml)"
 
+# Two workers: the suite is compile-bound and XLA compiles on one thread.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q --durations=15
+	$(BIN)/python -m pytest -q -n 2 --durations=15
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow

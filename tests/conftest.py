@@ -7,7 +7,12 @@ session in fixtures and reused by every test that needs them.
 import os
 import pathlib
 
-import jax
+# Tests are compile-bound (a Brax rollout takes 10-20 s to compile and milliseconds to
+# run), and LLVM's optimisation passes are most of the compile: skipping them halves it.
+# Timings belong to benchmarks/, which run fully optimised.
+os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
+
+import jax  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CACHE_DIR = os.environ.get("JAX_COMPILATION_CACHE_DIR", str(REPO / ".jax_cache"))

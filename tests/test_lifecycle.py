@@ -79,7 +79,7 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
 
     # A finished run resumes to nothing; a longer total continues it.
     again = CliRunner().invoke(main, ["train", "--resume", str(killed), "--quiet"])
-    assert again.exit_code == 0 and "nothing to do" in again.output
+    assert again.exit_code == 0 and "nothing to do" in again.output, again.output
 
 
 KILL_DURING_SAVE = textwrap.dedent("""

@@ -38,7 +38,9 @@ def test_two_processes_train_together(tmp_path):
     coordinator = f"127.0.0.1:{free_port()}"
     out = tmp_path / "run"
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    env.pop("XLA_FLAGS", None)
+    # one CPU device per process (no virtual devices), the session's other flags kept
+    env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace(
+        "--xla_force_host_platform_device_count=4", "")
     processes = [subprocess.Popen([sys.executable, "-c", SCRIPT, coordinator, str(rank),
                                    str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                   text=True, env=env) for rank in (0, 1)]
