@@ -81,9 +81,12 @@ def bench(algo: str, env_name: str, meta_batch: int, episodes: int, horizon: int
     config = algorithm.config
     state = algorithm.init(jax.random.PRNGKey(0))
 
-    meta_iteration = jax.jit(algorithm.meta_iteration)
-    compile_and_first, per_iteration = timed(lambda s: meta_iteration(s)[1], state,
-                                             repeats=repeats)
+    compile_start = time.perf_counter()
+    compiled = jax.jit(algorithm.meta_iteration).lower(state).compile()
+    compile_s = time.perf_counter() - compile_start
+    _, per_iteration = timed(lambda s: compiled(s)[1], state, repeats=repeats)
+    xla_flops = _xla_flops(compiled)
+    model_flops = model_flops_per_iteration(policy, config, algo, algorithm)
 
     @jax.jit
     def rollouts_only(params, key):
@@ -100,10 +103,66 @@ def bench(algo: str, env_name: str, meta_batch: int, episodes: int, horizon: int
                             repeats=repeats)
     steps = algorithm.env_steps_per_iteration
     return {"algo": algo, "setting": f"{name} (M={meta_batch}, N={episodes}, H={horizon})",
-            "backend": env.backend or "-", "compile_s": compile_and_first,
+            "backend": env.backend or "-", "compile_s": compile_s,
             "iteration_s": per_iteration, "rollout_s": rollout_time,
             "steps_per_s": steps / per_iteration,
-            "rollout_share": rollout_time / per_iteration}
+            "rollout_share": rollout_time / per_iteration,
+            "model_gflops": model_flops / 1e9, "xla_gflops": xla_flops / 1e9,
+            "gflops_per_s": model_flops / per_iteration / 1e9,
+            "memory_mb": _peak_memory_bytes(compiled) / 2 ** 20}
+
+
+def _xla_flops(compiled) -> float:
+    """XLA's own count for one call (a loop body is counted once, so the rollout scans
+    are undercounted; the outer steps, which are not loops, are counted in full)."""
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else {}
+    return float((cost or {}).get("flops", float("nan")))
+
+
+def _peak_memory_bytes(compiled) -> float:
+    """Peak device memory of one call: the allocator's high-water mark where the device
+    reports one (GPU, TPU), else XLA's buffer assignment (arguments + outputs + temps)."""
+    stats = jax.devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        return float(stats["peak_bytes_in_use"])
+    memory = compiled.memory_analysis()
+    if memory is None:
+        return float("nan")
+    return float(memory.argument_size_in_bytes + memory.output_size_in_bytes
+                 + memory.temp_size_in_bytes)
+
+
+def _forward_flops(policy, samples: int) -> float:
+    widths = [policy.observation_size, *policy.hidden_sizes, policy.action_size]
+    return 2.0 * samples * sum(a * b for a, b in zip(widths[:-1], widths[1:]))
+
+
+def model_flops_per_iteration(policy, config, algo: str, algorithm) -> float:
+    """Floating-point operations of one meta-iteration's network work, by the rule of
+    thumb of issue 8: sampling is one forward pass per step; a second-order outer step
+    costs about ten forward passes over the pre-update data plus three over the
+    post-update data, a first-order one (or an inner step alone) about three over each.
+    The P (ProMP), line-search and CG (TRPO) multiples are the algorithm's own."""
+    per_phase = config.meta_batch_size * config.episodes_per_task * config.horizon
+    pre = config.inner_steps * per_phase
+    sampling = _forward_flops(policy, (config.inner_steps + 1) * per_phase)
+    inner_steps = 3 * _forward_flops(policy, pre)  # the adaptation between phases
+    second_order = getattr(config, "first_order", False) is False
+    outer = (10 if second_order else 3) * _forward_flops(policy, pre) \
+        + 3 * _forward_flops(policy, per_phase)
+    if algo == "promp":
+        outer *= config.promp_steps
+    elif algo.endswith("-trpo"):
+        # gradient + CG iterations of a Fisher-vector product (~2 passes each over the
+        # post data) + line-search evaluations (~1 forward of the whole chain each)
+        outer += config.cg_iterations * 2 * _forward_flops(policy, per_phase) \
+            + config.line_search_steps * (_forward_flops(policy, pre) * 3
+                                          + _forward_flops(policy, per_phase))
+    elif algo == "memrl":
+        outer = 3 * _forward_flops(policy, pre)  # proximal steps are ordinary PG steps
+    return sampling + inner_steps + outer
 
 
 def main():
@@ -118,12 +177,14 @@ def main():
 
     rows = [bench_setting(algo, name, args.backend, args.repeats)
             for name in args.settings for algo in args.algos]
-    header = ("| algo | setting | backend | first call incl. compile (s) | s / meta-iteration | "
-              "rollouts alone (s) | rollout share | env steps / s |\n"
-              "|---|---|---|---|---|---|---|---|")
+    header = ("| algo | setting | backend | compile (s) | s / meta-iteration | "
+              "rollouts alone (s) | rollout share | env steps / s | GFLOP (model / XLA) | "
+              "GFLOP/s | peak memory (MiB) |\n"
+              "|---|---|---|---|---|---|---|---|---|---|---|")
     lines = [f"| {r['algo']} | {r['setting']} | {r['backend']} | {r['compile_s']:.1f} | "
              f"{r['iteration_s']:.3f} | {r['rollout_s']:.3f} | {r['rollout_share']:.0%} | "
-             f"{r['steps_per_s']:,.0f} |" for r in rows]
+             f"{r['steps_per_s']:,.0f} | {r['model_gflops']:.1f} / {r['xla_gflops']:.1f} | "
+             f"{r['gflops_per_s']:.0f} | {r['memory_mb']:.0f} |" for r in rows]
     table = "\n".join([header, *lines])
     print(table)
     if not args.no_record:
