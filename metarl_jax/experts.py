@@ -590,8 +590,10 @@ def load_demonstrations(path, env: TaskEnv) -> Demonstrations:
     arrays = _read_arrays(path)
     _check_core(arrays, source)
     env_name = _string(arrays, "env", source)
-    if env_name != env.name:
-        raise _error(source, f"env: written for {env_name!r}, not {env.name!r}")
+    accepted = (env.name, *env.demonstration_sources)
+    if env_name not in accepted:
+        raise _error(source, f"env: written for {env_name!r}; {env.name} accepts "
+                             f"demonstrations of {', '.join(repr(n) for n in accepted)}")
     observations = arrays["observations"].astype(np.float32)
     actions = arrays["actions"].astype(np.float32)
     counts = arrays["counts"].astype(np.int64)
@@ -656,6 +658,12 @@ def resolve_expert_config(env_name: str, raw: dict) -> tuple[TaskEnv, ExpertConf
     except ValueError as error:
         raise ConfigError(f"config: {error}") from None
     validate_expert_config(env, config)
+    task_set = env.task_set()
+    if task_set is not None:
+        size = jax.tree_util.tree_leaves(task_set)[0].shape[0]
+        if config.num_tasks > size:
+            raise ConfigError(f"config: num_tasks: {env.name} has {size} tasks; expected "
+                              f"at most {size}")
     return env, config
 
 

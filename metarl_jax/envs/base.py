@@ -53,6 +53,9 @@ class TaskEnv(abc.ABC):
     horizon: int
     task_distribution: str
     backend: str | None = None
+    # Other task distributions whose demonstration files serve this one: the same tasks,
+    # observations and dynamics under a denser reward (GMPS's experts may see it).
+    demonstration_sources: tuple[str, ...] = ()
 
     @abc.abstractmethod
     def sample_tasks(self, key: jax.Array, num_tasks: int) -> Task:

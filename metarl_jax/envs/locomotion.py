@@ -286,6 +286,7 @@ class AntGoalRing(BraxTaskEnv):
 class AntGoalRingSparse(AntGoalRing):
     name = "ant-goal-ring-sparse"
     sparse = True
+    demonstration_sources = ("ant-goal-ring",)
     task_distribution = ("one of 40 goals on the quarter circle of radius 2; goal term "
                          "-||xy - g||_1 + 4 inside 0.8 of g, else -||g||_1 + 4; "
                          "- 0.1||a||^2 - contact; terminates when unhealthy")
