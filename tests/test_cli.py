@@ -4,12 +4,15 @@ import json
 import pathlib
 import time
 
+import jax
+import numpy as np
 import pytest
 import yaml
 from click.testing import CliRunner
 
 from metarl_jax import trainer
 from metarl_jax.cli import EXIT_CONFIG_ERROR, main
+from metarl_jax.config import load_yaml
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -151,3 +154,48 @@ def test_envs_lists_every_environment():
     }
     assert "quarter circle of radius 2" in result.output
     assert "1.5^U(-3,3)" in result.output
+
+
+# The ProMP paper's per-setting values (ALGORITHMS.md §1 table) that differ by setting.
+PAPER_SETTINGS = {
+    "promp_halfcheetah_fwdback.yaml": ("halfcheetah-dir", 100, 1, 0.1, 5, False),
+    "promp_ant_fwdback.yaml": ("ant-dir", 100, 1, 0.1, 5, False),
+    "promp_ant_rand_dir.yaml": ("ant-dir2d", 100, 1, 0.1, 5, False),
+    "promp_ant_rand_goal.yaml": ("ant-goal", 200, 2, 0.1, 5, False),
+    "promp_walker_fwdback.yaml": ("walker-dir", 200, 1, 0.1, 5, False),
+    "promp_walker_rand_vel.yaml": ("walker-vel", 200, 1, 0.1, 5, False),
+    "promp_hopper_rand_params.yaml": ("hopper-params", 200, 1, 0.05, 3, True),
+    "promp_walker_rand_params.yaml": ("walker-params", 200, 1, 0.05, 3, True),
+    "promp_humanoid_fwdback.yaml": ("humanoid-dir", 200, 1, 0.1, 5, False),
+    "promp_humanoid_rand_dir.yaml": ("humanoid-dir2d", 200, 1, 0.1, 5, False),
+}
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "experiments").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_every_experiment_config_resolves_and_builds(path):
+    config = trainer.resolve_config(load_yaml(str(path)))
+    env, policy, algorithm = trainer.build(config)
+    assert env.name == config.run.env.name
+    if path.name not in PAPER_SETTINGS:
+        return
+    name, horizon, inner_steps, inner_lr, promp_steps, adaptive = PAPER_SETTINGS[path.name]
+    c = config.algorithm
+    assert (config.run.algo, env.name, env.horizon) == ("promp", name, horizon)
+    assert (c.meta_batch_size, c.episodes_per_task, config.run.iterations) == (40, 20, 1001)
+    assert (c.inner_steps, c.inner_lr, c.promp_steps, c.clip_eps) == (
+        inner_steps, inner_lr, promp_steps, 0.3)
+    assert c.adaptive_kl is adaptive
+    assert c.kl_coeff == (1e-3 if adaptive else 5e-4) and c.kl_target == 0.01
+    assert policy.hidden_sizes == ((128, 128) if name.startswith("humanoid") else (64, 64))
+
+
+def test_gmps_ring_configs_use_the_forty_ring_goals():
+    for name in ("gmps_ant_goal_ring.yaml", "gmps_ant_goal_ring_sparse.yaml"):
+        config = trainer.resolve_config(load_yaml(str(REPO / "experiments" / name)))
+        env, policy, algorithm = trainer.build(config)
+        assert (policy.hidden_sizes, policy.activation) == ((100, 100), "relu")
+        assert (config.algorithm.episodes_per_task, env.horizon) == (50, 200)
+        tasks = env.training_tasks(jax.random.PRNGKey(0), config.algorithm.gmps.num_train_tasks)
+        np.testing.assert_array_equal(np.asarray(tasks["goal"]),
+                                      np.asarray(env.task_set()["goal"]))

@@ -209,7 +209,8 @@ CORRUPTIONS = {
     "missing_actions": (_drop("actions"), "missing 'actions'"),
     "missing_counts": (_drop("counts"), "missing 'counts'"),
     "wrong_env": (_set("env", lambda a: np.asarray("halfcheetah-dir")),
-                  "env: written for 'halfcheetah-dir'; point-nav accepts demonstrations of 'point-nav'"),
+                  "env: written for 'halfcheetah-dir'; point-nav accepts demonstrations "
+                  "of 'point-nav'"),
     "env_not_string": (_set("env", lambda a: np.arange(3)), "env: expected a 0-d string"),
     "obs_size": (_set("observations", lambda a: np.zeros(a["observations"].shape[:2] + (3,))),
                  "observations: size 3"),

@@ -450,3 +450,19 @@ def test_one_promp_iteration_on_every_task(name):
                          new_state.params)
     assert min(jax.tree.leaves(moved)) > 0.0
     assert algorithm.env_steps_per_iteration == 2 * 2 * 6 * 2
+
+
+def test_more_training_tasks_than_the_ring_has_fail_with_one_line(tmp_path):
+    from click.testing import CliRunner
+
+    from metarl_jax.cli import EXIT_CONFIG_ERROR, main
+
+    result = CliRunner().invoke(main, ["experts", "--env", "ant-goal-ring", "--tasks", "41",
+                                       "--out", str(tmp_path / "d.npz")])
+    assert result.exit_code == EXIT_CONFIG_ERROR
+    assert "num_tasks: ant-goal-ring has 40 tasks; expected at most 40" in result.output
+    result = CliRunner().invoke(main, ["train", "--algo", "gmps", "--env", "ant-goal-ring",
+                                       "--set", "gmps.num_train_tasks=50",
+                                       "--out", str(tmp_path / "run")])
+    assert result.exit_code == EXIT_CONFIG_ERROR
+    assert "gmps.num_train_tasks: ant-goal-ring has 40 tasks" in result.output
