@@ -466,3 +466,20 @@ def test_more_training_tasks_than_the_ring_has_fail_with_one_line(tmp_path):
                                        "--out", str(tmp_path / "run")])
     assert result.exit_code == EXIT_CONFIG_ERROR
     assert "gmps.num_train_tasks: ant-goal-ring has 40 tasks" in result.output
+
+
+def test_sparse_ring_trains_from_dense_ring_demonstrations(tmp_path):
+    from metarl_jax.config import ConfigError
+    from metarl_jax.experts import load_demonstrations, save_demonstrations
+
+    dense = make_env("ant-goal-ring")
+    tasks = dense.training_tasks(jax.random.PRNGKey(0), 4)
+    observations = np.zeros((4, 6, dense.observation_size), np.float32)
+    actions = np.zeros((4, 6, dense.action_size), np.float32)
+    path = save_demonstrations(str(tmp_path / "dense.npz"), dense.name,
+                               jax.tree.map(np.asarray, tasks), observations, actions,
+                               np.full((4,), 6))
+    demos = load_demonstrations(path, make_env("ant-goal-ring-sparse"))
+    np.testing.assert_array_equal(np.asarray(demos.tasks["goal"]), np.asarray(tasks["goal"]))
+    with pytest.raises(ConfigError, match="ant-goal accepts demonstrations of 'ant-goal'"):
+        load_demonstrations(path, make_env("ant-goal"))
