@@ -339,7 +339,10 @@ class PhysicsParameters(BraxTaskEnv):
     rebuilds the Brax `System` from the task inside the traced program, in both of the
     forms Brax keeps (its own `link`/`dof` tree for the generalized, positional and spring
     pipelines, MuJoCo's `body_*`/`dof_*` arrays for mjx and contact), so vmapping over
-    tasks vmaps the physics too.
+    tasks vmaps the physics too. The `spring` and `positional` pipelines themselves
+    ignore part of these: they use mass^(1 - s) and inertia^(1 - s) with s set per model
+    (s = 1, so no effect, for the hopper's masses and both bodies' inertias) and have no
+    joint damping. The published setting is `generalized`, which uses all four.
     """
 
     horizon = 200
