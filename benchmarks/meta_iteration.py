@@ -155,11 +155,13 @@ def model_flops_per_iteration(policy, config, algo: str, algorithm) -> float:
     if algo == "promp":
         outer *= config.promp_steps
     elif algo.endswith("-trpo"):
-        # gradient + CG iterations of a Fisher-vector product (~2 passes each over the
-        # post data) + line-search evaluations (~1 forward of the whole chain each)
-        outer += config.cg_iterations * 2 * _forward_flops(policy, per_phase) \
-            + config.line_search_steps * (_forward_flops(policy, pre) * 3
-                                          + _forward_flops(policy, per_phase))
+        # gradient + CG iterations of a Gauss-Newton Fisher-vector product (a linearised
+        # forward and its transpose through the inner step: ~6 passes over the pre data,
+        # 2 over the post data) + one line-search evaluation (the usual case: the first
+        # candidate is accepted; the inner step and the post loss, ~4 passes)
+        outer += config.cg_iterations * (6 * _forward_flops(policy, pre)
+                                         + 2 * _forward_flops(policy, per_phase)) \
+            + 3 * _forward_flops(policy, pre) + _forward_flops(policy, per_phase)
     elif algo == "memrl":
         outer = 3 * _forward_flops(policy, pre)  # proximal steps are ordinary PG steps
     return sampling + inner_steps + outer
