@@ -166,9 +166,12 @@ class AntDirection(BraxTaskEnv):
     def sample_tasks(self, key, num_tasks):
         return {"direction": _random_sign(key, num_tasks)}
 
+    def directed_velocity(self, metrics, task):
+        return task["direction"] * metrics["x_velocity"]
+
     def task_reward(self, metrics, env_action, task):
         contact_cost = -metrics["reward_contact"]
-        return (task["direction"] * metrics["x_velocity"]
+        return (self.directed_velocity(metrics, task)
                 - self.ctrl_cost_weight * jnp.sum(env_action ** 2)
                 - contact_cost + self.survive_reward)
 
@@ -197,11 +200,8 @@ class AntDirection2D(AntDirection):
     def sample_tasks(self, key, num_tasks):
         return {"direction": _random_unit_vectors(key, num_tasks)}
 
-    def task_reward(self, metrics, env_action, task):
-        contact_cost = -metrics["reward_contact"]
-        return (jnp.dot(task["direction"], _planar_velocity(metrics))
-                - self.ctrl_cost_weight * jnp.sum(env_action ** 2)
-                - contact_cost + self.survive_reward)
+    def directed_velocity(self, metrics, task):
+        return jnp.dot(task["direction"], _planar_velocity(metrics))
 
 
 class AntGoal(BraxTaskEnv):
