@@ -658,12 +658,7 @@ def resolve_expert_config(env_name: str, raw: dict) -> tuple[TaskEnv, ExpertConf
     except ValueError as error:
         raise ConfigError(f"config: {error}") from None
     validate_expert_config(env, config)
-    task_set = env.task_set()
-    if task_set is not None:
-        size = jax.tree_util.tree_leaves(task_set)[0].shape[0]
-        if config.num_tasks > size:
-            raise ConfigError(f"config: num_tasks: {env.name} has {size} tasks; expected "
-                              f"at most {size}")
+    env.check_training_task_count(config.num_tasks, "num_tasks")
     return env, config
 
 

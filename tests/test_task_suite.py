@@ -466,6 +466,9 @@ def test_more_training_tasks_than_the_ring_has_fail_with_one_line(tmp_path):
                                        "--out", str(tmp_path / "run")])
     assert result.exit_code == EXIT_CONFIG_ERROR
     assert "gmps.num_train_tasks: ant-goal-ring has 40 tasks" in result.output
+    from metarl_jax.config import ConfigError
+    with pytest.raises(ConfigError, match="num_tasks: ant-goal-ring has 40 tasks"):
+        make_env("ant-goal-ring").training_tasks(jax.random.PRNGKey(0), 41)
 
 
 def test_sparse_ring_trains_from_dense_ring_demonstrations(tmp_path):

@@ -101,12 +101,7 @@ class GMPS(MetaLearner):
         if config.meta_batch_size > config.gmps.num_train_tasks:
             raise ConfigError("config: meta_batch_size: at most gmps.num_train_tasks "
                               f"({config.gmps.num_train_tasks}) for gmps")
-        task_set = env.task_set()
-        if task_set is not None:
-            size = jax.tree.leaves(task_set)[0].shape[0]
-            if config.gmps.num_train_tasks > size:
-                raise ConfigError(f"config: gmps.num_train_tasks: {env.name} has {size} "
-                                  f"tasks; expected at most {size}")
+        env.check_training_task_count(config.gmps.num_train_tasks, "gmps.num_train_tasks")
         super().__init__(config, env, policy)
         self.expert_policy = GaussianPolicy(env.observation_size, env.action_size,
                                             tuple(config.gmps.expert_hidden_sizes))

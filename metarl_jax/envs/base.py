@@ -74,6 +74,21 @@ class TaskEnv(abc.ABC):
         size, or None when the distribution is continuous."""
         return None
 
+    def task_set_size(self) -> int | None:
+        """How many tasks `task_set()` holds; None for a continuous distribution."""
+        task_set = self.task_set()
+        return None if task_set is None else jax.tree.leaves(task_set)[0].shape[0]
+
+    def check_training_task_count(self, num_tasks: int, field: str) -> None:
+        """Raises ConfigError, naming the config `field`, when a finite distribution
+        holds fewer than `num_tasks` tasks."""
+        from metarl_jax.config import ConfigError
+
+        size = self.task_set_size()
+        if size is not None and num_tasks > size:
+            raise ConfigError(f"config: {field}: {self.name} has {size} tasks; expected at "
+                              f"most {size}")
+
     def training_tasks(self, key: jax.Array, num_tasks: int) -> Task:
         """A finite meta-training set of `num_tasks` tasks (GMPS, experts).
 
@@ -81,15 +96,12 @@ class TaskEnv(abc.ABC):
         asked for (the 40 ring goals, in order, for 40); a continuous one `num_tasks`
         draws.
         """
-        task_set = self.task_set()
-        if task_set is None:
+        size = self.task_set_size()
+        if size is None:
             return self.sample_tasks(key, num_tasks)
-        size = jax.tree.leaves(task_set)[0].shape[0]
-        if num_tasks > size:
-            raise ValueError(f"{self.name} has {size} tasks; "
-                             f"asked for {num_tasks}")
+        self.check_training_task_count(num_tasks, "num_tasks")
         index = jnp.round(jnp.linspace(0, size - 1, num_tasks)).astype(jnp.int32)
-        return jax.tree.map(lambda leaf: leaf[index], task_set)
+        return jax.tree.map(lambda leaf: leaf[index], self.task_set())
 
     def describe(self) -> dict:
         return {
