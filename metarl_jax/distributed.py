@@ -46,6 +46,21 @@ def use_task_sharding(sharding: NamedSharding | None):
         _active = previous
 
 
+def split_cpu(num_devices: int) -> None:
+    """Makes the host CPU appear to JAX as `num_devices` devices, so that the task
+    sharding spreads a meta-batch over them: on a CPU-only machine, one device per core
+    keeps every core busy where XLA's own threading does not (benchmarks/RESULTS.md:
+    about 20 % less time per ProMP or MAML-TRPO iteration on 2 cores). Must be called
+    before JAX runs anything."""
+    if num_devices < 1:
+        raise ConfigError(f"config: cpu_devices: {num_devices}; expected at least 1")
+    try:
+        jax.config.update("jax_num_cpu_devices", num_devices)
+    except RuntimeError as error:
+        raise ConfigError("config: cpu_devices: JAX has already started its CPU backend; "
+                          "split the CPU before running anything") from error
+
+
 def shard_tasks(tree):
     """Constrains the leading (task) axis of every leaf of `tree` to the active task
     sharding; the identity when none is active or on a single device."""

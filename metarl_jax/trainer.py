@@ -306,7 +306,7 @@ def train(config: RunConfig, out_dir: str | None = None, force: bool = False,
             env_steps += algorithm.env_steps_per_iteration
             record = {"iteration": iteration, "env_steps": env_steps,
                       "time_s": elapsed_before + now - start, "iteration_s": now - tick,
-                      **extra, **metrics}
+                      "devices": sharding.mesh.size, **extra, **metrics}
             history.append(record)
             completed = (iteration, state, env_steps, record["time_s"])
             if metrics_file:

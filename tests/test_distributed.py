@@ -76,3 +76,21 @@ def test_meta_batch_must_split_over_the_devices():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                          text=True, timeout=300)
     assert "meta_batch_size: 6 tasks do not split evenly over 4 devices" in out.stdout
+
+
+def test_cpu_devices_splits_the_host_for_the_task_sharding(tmp_path):
+    """`metarl train --cpu-devices 2` trains with the tasks over two CPU devices."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    out = subprocess.run(
+        [sys.executable, "-m", "metarl_jax.cli", "train", "--cpu-devices", "2", "--quiet",
+         "--algo", "maml-vpg", "--env", "point-nav", "--iterations", "1",
+         "--set", "meta_batch_size=4", "--set", "episodes_per_task=2", "--set", "horizon=5",
+         "--out", str(tmp_path / "run")], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert record["devices"] == 2
+    out = subprocess.run(
+        [sys.executable, "-m", "metarl_jax.cli", "train", "--cpu-devices", "0",
+         "--out", str(tmp_path / "bad")], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert "cpu_devices: 0; expected at least 1" in out.stderr
