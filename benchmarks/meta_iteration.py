@@ -26,6 +26,7 @@ import jax.numpy as jnp
 
 from metarl_jax import trainer
 from metarl_jax.algorithms import ALGORITHMS
+from metarl_jax import distributed
 from metarl_jax.algorithms.common import broadcast_to_tasks
 from metarl_jax.rollout import collect
 
@@ -65,24 +66,31 @@ def timed(fn, *args, repeats: int):
     return first, statistics.median(samples)
 
 
-def bench_setting(algo: str, name: str, backend: str, repeats: int) -> dict:
+def bench_setting(algo: str, name: str, backend: str, repeats: int, devices: int = 1) -> dict:
     env_name, meta_batch, episodes, horizon = SETTINGS[name]
-    return bench(algo, env_name, meta_batch, episodes, horizon, backend, repeats, name)
+    return bench(algo, env_name, meta_batch, episodes, horizon, backend, repeats, name,
+                 devices)
 
 
 def bench(algo: str, env_name: str, meta_batch: int, episodes: int, horizon: int,
-          backend: str = "generalized", repeats: int = 5, name: str | None = None) -> dict:
-    """Compile time, seconds per meta-iteration and the rollout-only floor of one setting."""
+          backend: str = "generalized", repeats: int = 5, name: str | None = None,
+          devices: int = 1) -> dict:
+    """Compile time, seconds per meta-iteration and the rollout-only floor of one setting,
+    with the tasks sharded over `devices` devices (as `metarl train` shards them)."""
     name = name or env_name
     run_config = trainer.resolve_config({
         "algo": algo, "env": {"name": env_name, "backend": backend},
         "meta_batch_size": meta_batch, "episodes_per_task": episodes, "horizon": horizon})
     env, policy, algorithm = trainer.build(run_config)
     config = algorithm.config
-    state = algorithm.init(jax.random.PRNGKey(0))
+    sharding = distributed.task_sharding(devices)
+    distributed.check_divisible(meta_batch, sharding)
+    state = jax.device_put(algorithm.init(jax.random.PRNGKey(0)),
+                           distributed.replicated(sharding))
 
     compile_start = time.perf_counter()
-    compiled = jax.jit(algorithm.meta_iteration).lower(state).compile()
+    with distributed.use_task_sharding(sharding):
+        compiled = jax.jit(algorithm.meta_iteration).lower(state).compile()
     compile_s = time.perf_counter() - compile_start
     _, per_iteration = timed(lambda s: compiled(s)[1], state, repeats=repeats)
     xla_flops = _xla_flops(compiled)
@@ -90,7 +98,7 @@ def bench(algo: str, env_name: str, meta_batch: int, episodes: int, horizon: int
 
     @jax.jit
     def rollouts_only(params, key):
-        tasks = env.sample_tasks(key, meta_batch)
+        tasks = distributed.shard_tasks(env.sample_tasks(key, meta_batch))
         per_task = broadcast_to_tasks(params, meta_batch)
 
         def phase(carry, phase_key):
@@ -99,11 +107,12 @@ def bench(algo: str, env_name: str, meta_batch: int, episodes: int, horizon: int
 
         return jax.lax.scan(phase, 0.0, jax.random.split(key, config.inner_steps + 1))[1]
 
-    _, rollout_time = timed(rollouts_only, state.params, jax.random.PRNGKey(1),
-                            repeats=repeats)
+    with distributed.use_task_sharding(sharding):  # traced on the first call
+        _, rollout_time = timed(rollouts_only, state.params, jax.random.PRNGKey(1),
+                                repeats=repeats)
     steps = algorithm.env_steps_per_iteration
     return {"algo": algo, "setting": f"{name} (M={meta_batch}, N={episodes}, H={horizon})",
-            "backend": env.backend or "-", "compile_s": compile_s,
+            "backend": env.backend or "-", "devices": devices, "compile_s": compile_s,
             "iteration_s": per_iteration, "rollout_s": rollout_time,
             "steps_per_s": steps / per_iteration,
             "rollout_share": rollout_time / per_iteration,
@@ -173,17 +182,24 @@ def main():
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=SETTINGS)
     parser.add_argument("--backend", default="generalized")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--devices", type=int, nargs="+", default=[1],
+                        help="shard the tasks over this many devices (one row each)")
+    parser.add_argument("--cpu-devices", type=int,
+                        help="split the host CPU into this many devices first")
     parser.add_argument("--no-record", action="store_true",
                         help="print only; do not append to RESULTS.md")
     args = parser.parse_args()
+    if args.cpu_devices:
+        distributed.split_cpu(args.cpu_devices)
 
-    rows = [bench_setting(algo, name, args.backend, args.repeats)
-            for name in args.settings for algo in args.algos]
-    header = ("| algo | setting | backend | compile (s) | s / meta-iteration | "
+    rows = [bench_setting(algo, name, args.backend, args.repeats, devices)
+            for name in args.settings for algo in args.algos for devices in args.devices]
+    header = ("| algo | setting | backend | devices | compile (s) | s / meta-iteration | "
               "rollouts alone (s) | rollout share | env steps / s | GFLOP (model / XLA) | "
               "GFLOP/s | peak memory (MiB) |\n"
-              "|---|---|---|---|---|---|---|---|---|---|---|")
-    lines = [f"| {r['algo']} | {r['setting']} | {r['backend']} | {r['compile_s']:.1f} | "
+              "|---|---|---|---|---|---|---|---|---|---|---|---|")
+    lines = [f"| {r['algo']} | {r['setting']} | {r['backend']} | {r['devices']} | "
+             f"{r['compile_s']:.1f} | "
              f"{r['iteration_s']:.3f} | {r['rollout_s']:.3f} | {r['rollout_share']:.0%} | "
              f"{r['steps_per_s']:,.0f} | {r['model_gflops']:.1f} / {r['xla_gflops']:.1f} | "
              f"{r['gflops_per_s']:.0f} | {r['memory_mb']:.0f} |" for r in rows]
