@@ -19,7 +19,9 @@ SCRIPT = textwrap.dedent("""
         **trainer.DEFAULT_EXPERIMENT, "algo": algo, "iterations": 3, "devices": devices,
         "meta_batch_size": 4, "episodes_per_task": 3, "horizon": 15, "hidden_sizes": [16, 16]})
     history = trainer.train(config, progress=False)
-    print(json.dumps([{k: v for k, v in r.items() if not k.endswith("_s")} for r in history]))
+    assert all(r["devices"] == devices for r in history), history
+    print(json.dumps([{k: v for k, v in r.items() if not k.endswith("_s") and k != "devices"}
+                      for r in history]))
 """)
 
 
