@@ -48,6 +48,8 @@ class RunSettings:
     env: EnvConfig = EnvConfig()
     devices: int | None = field(None, **at_least(1))  # None: every device
     checkpoint_every: int = field(50, **at_least(1))
+    # Meta-iterations per compiled call (a `lax.scan`); must divide checkpoint_every.
+    iterations_per_call: int = field(1, **at_least(1))
     keep_checkpoints: int = field(3, **at_least(1))
     # Test-only fault injection: θ is replaced by NaN before this iteration.
     debug_nan_at_iteration: int | None = field(None, **at_least(1))
@@ -77,6 +79,10 @@ def resolve_config(raw: dict) -> RunConfig:
                           + ", ".join(sorted(ALGORITHMS)))
     run_keys = {f.name for f in dataclasses.fields(RunSettings)}
     run = build_dataclass(RunSettings, {k: v for k, v in raw.items() if k in run_keys})
+    if run.checkpoint_every % run.iterations_per_call:
+        raise ConfigError(f"config: iterations_per_call: {run.iterations_per_call} does not "
+                          f"divide checkpoint_every ({run.checkpoint_every}); use a divisor "
+                          "of it")
     if run.env.name not in ENVIRONMENTS:
         raise ConfigError(f"config: env.name: unknown environment {run.env.name!r}; "
                           f"allowed: {', '.join(env_names())}")
@@ -254,12 +260,40 @@ def train(config: RunConfig, out_dir: str | None = None, force: bool = False,
     distributed.check_divisible(config.algorithm.meta_batch_size, sharding)
     replicated = distributed.replicated(sharding)
     state = jax.device_put(state, replicated)
-    with distributed.use_task_sharding(sharding):
-        # Traced and compiled now, under the mesh: the task axis is split over the
-        # devices, the state stays replicated (so every call takes the same layout).
-        meta_iteration = jax.jit(_with_finiteness_check(algorithm.meta_iteration),
-                                 in_shardings=replicated, out_shardings=replicated
-                                 ).lower(state).compile()
+    checked_iteration = _with_finiteness_check(algorithm.meta_iteration)
+    if run.debug_nan_at_iteration is not None:
+        unplanted = checked_iteration
+
+        def checked_iteration(state):  # the fault is planted in-graph, inside any call
+            state = jax.lax.cond(state.iteration + 1 == run.debug_nan_at_iteration,
+                                 _poison, lambda s: s, state)
+            return unplanted(state)
+    programs = {}
+
+    def program(length: int):
+        """The compiled call that runs `length` meta-iterations (one program per length;
+        a run uses `iterations_per_call`, plus a shorter one for a last partial call)."""
+        if length not in programs:
+            def fused(state):
+                return jax.lax.scan(lambda carry, _: checked_iteration(carry), state, None,
+                                    length=length)
+
+            # Traced under the mesh: the task axis is split over the devices, the state
+            # stays replicated (so every call takes the same layout).
+            with distributed.use_task_sharding(sharding):
+                programs[length] = jax.jit(
+                    checked_iteration if length == 1 else fused,
+                    in_shardings=replicated, out_shardings=replicated).lower(state).compile()
+        return programs[length]
+
+    def call_length(iteration: int) -> int:
+        """Iterations in the call starting at `iteration`: `iterations_per_call`, cut at
+        the end of the run and at the next checkpoint."""
+        return min(run.iterations_per_call, run.iterations - iteration + 1,
+                   run.checkpoint_every - (iteration - 1) % run.checkpoint_every)
+
+    if first_iteration <= run.iterations:
+        program(call_length(first_iteration))  # compiled before the clock for iterations
     metrics_file = writer = bar = None
     if out_dir is not None and primary:
         metrics_file = open(os.path.join(out_dir, "metrics.jsonl"), "a")
@@ -283,47 +317,63 @@ def train(config: RunConfig, out_dir: str | None = None, force: bool = False,
     completed = None  # (iteration, state, env_steps, time_s) of the last finished one
     start = compile_start
     try:
-        for iteration in range(first_iteration, run.iterations + 1):
+        iteration = first_iteration
+        while iteration <= run.iterations:
+            length = call_length(iteration)
             tick = time.perf_counter()
             previous_state = state
-            if iteration == run.debug_nan_at_iteration:
-                state = _poison(state)
-            state, device_metrics = meta_iteration(state)
-            metrics = flatten_metrics(jax.device_get(device_metrics))
+            state, device_metrics = program(length)(state)
+            host_metrics = jax.device_get(device_metrics)
             now = time.perf_counter()
-            bad = sorted((k for k, v in metrics.items()
-                          if not math.isfinite(v) or (k == "nonfinite_params" and v > 0)),
-                         key=lambda k: (k not in REPORTED_FIRST, k))
-            if bad:
-                last_good = iteration - 1
-                save(last_good, previous_state, env_steps, elapsed_before + tick - start)
-                where = (f"; the last good checkpoint is iteration {last_good} in "
-                         f"{checkpointer.directory}" if checkpointer and last_good else "")
-                quantity = ("parameters" if bad[0] == "nonfinite_params" else bad[0])
-                raise TrainingDiverged(f"training diverged at iteration {iteration}: "
-                                       f"{quantity} non-finite ({metrics[bad[0]]}){where}")
-            del metrics["nonfinite_params"]
-            env_steps += algorithm.env_steps_per_iteration
-            record = {"iteration": iteration, "env_steps": env_steps,
-                      "time_s": elapsed_before + now - start, "iteration_s": now - tick,
-                      "devices": sharding.mesh.size, **extra, **metrics}
-            history.append(record)
-            completed = (iteration, state, env_steps, record["time_s"])
-            if metrics_file:
-                metrics_file.write(json.dumps(record) + "\n")
-                metrics_file.flush()
-                for name, value in record.items():
-                    if name != "iteration":
-                        writer.add_scalar(name, value, iteration)
-            if iteration % run.checkpoint_every == 0 or iteration == run.iterations:
-                save(iteration, state, env_steps, record["time_s"])
+            per_iteration_s = (now - tick) / length
+            for offset in range(length):
+                metrics = flatten_metrics(host_metrics if length == 1 else jax.tree.map(
+                    lambda x, i=offset: x[i], host_metrics))
+                bad = sorted((k for k, v in metrics.items()
+                              if not math.isfinite(v) or (k == "nonfinite_params" and v > 0)),
+                             key=lambda k: (k not in REPORTED_FIRST, k))
+                if bad:
+                    # The state before the bad iteration: the call's input, run on one
+                    # iteration at a time up to it when the bad one is not the first.
+                    last_good = iteration + offset - 1
+                    good_state = previous_state
+                    for _ in range(offset):
+                        good_state = program(1)(good_state)[0]
+                    save(last_good, good_state, env_steps,
+                         elapsed_before + tick + offset * per_iteration_s - start)
+                    where = (f"; the last good checkpoint is iteration {last_good} in "
+                             f"{checkpointer.directory}" if checkpointer and last_good else "")
+                    quantity = ("parameters" if bad[0] == "nonfinite_params" else bad[0])
+                    raise TrainingDiverged(
+                        f"training diverged at iteration {iteration + offset}: "
+                        f"{quantity} non-finite ({metrics[bad[0]]}){where}")
+                del metrics["nonfinite_params"]
+                env_steps += algorithm.env_steps_per_iteration
+                record = {"iteration": iteration + offset, "env_steps": env_steps,
+                          "time_s": elapsed_before + tick + (offset + 1) * per_iteration_s
+                          - start,
+                          "iteration_s": per_iteration_s, "devices": sharding.mesh.size,
+                          **extra, **metrics}
+                history.append(record)
+                if metrics_file:
+                    metrics_file.write(json.dumps(record) + "\n")
+                    metrics_file.flush()
+                    for name, value in record.items():
+                        if name != "iteration":
+                            writer.add_scalar(name, value, record["iteration"])
+            iteration += length
+            last = iteration - 1
+            completed = (last, state, env_steps, record["time_s"])
+            if last % run.checkpoint_every == 0 or last == run.iterations:
+                save(last, state, env_steps, record["time_s"])
             if on_iteration:
-                on_iteration(record)
+                for record in history[-length:]:
+                    on_iteration(record)
             if bar is not None:
                 bar.set_postfix(pre=f"{record['pre_return']:.2f}",
                                 post=f"{record['post_return']:.2f}",
-                                steps_s=f"{algorithm.env_steps_per_iteration / (now - tick):.3g}")
-                bar.update(1)
+                                steps_s=f"{algorithm.env_steps_per_iteration / per_iteration_s:.3g}")
+                bar.update(length)
     except KeyboardInterrupt:
         # Keep what was computed: the state after the last completed iteration.
         if completed is not None:

@@ -18,6 +18,7 @@ from metarl_jax import trainer
 from metarl_jax.algorithms.promp import adapt_kl_coeffs
 from metarl_jax.checkpoints import Checkpointer
 from metarl_jax.cli import EXIT_DIVERGED, main
+from metarl_jax.config import ConfigError
 
 TINY = ["--set", "meta_batch_size=3", "--set", "episodes_per_task=3", "--set", "horizon=15",
         "--set", "hidden_sizes=[16, 16]"]
@@ -202,3 +203,48 @@ def test_evaluate_from_python_is_reproducible(tmp_path):
     other = evaluate(str(run), num_tasks=3, adapt_steps=1, seed=6, write=True)
     assert other["return_mean"] != first["return_mean"]
     assert os.path.exists(run / "eval.json")
+
+
+def test_fused_calls_give_the_same_run_as_one_iteration_per_call(tmp_path):
+    """`iterations_per_call` > 1 scans several meta-iterations in one compiled call; the
+    records, checkpoints and final state are those of one iteration per call."""
+    single = trainer.train(tiny_config(iterations=7, checkpoint_every=6), str(tmp_path / "a"),
+                           progress=False)
+    fused = trainer.train(tiny_config(iterations=7, checkpoint_every=6, iterations_per_call=3),
+                          str(tmp_path / "b"), progress=False)
+    assert [r["iteration"] for r in fused] == list(range(1, 8))
+    for a, b in zip(without_timing(single), without_timing(fused)):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
+    assert Checkpointer(str(tmp_path / "b" / "checkpoints")).all_iterations() == [6, 7]
+    assert trainer.read_metrics(str(tmp_path / "b")) == fused
+
+
+def test_divergence_inside_a_fused_call_checkpoints_the_iteration_before_it(tmp_path):
+    """Calls of 3 iterations, NaN planted at iteration 5 (the second of the call 4-6): the
+    run stops there, records 1-4, and checkpoints iteration 4 (rerun from 3)."""
+    out = tmp_path / "run"
+    result = CliRunner().invoke(main, [
+        "train", "--iterations", "8", "--out", str(out), "--quiet",
+        "--set", "checkpoint_every=9", "--set", "iterations_per_call=3",
+        "--set", "debug_nan_at_iteration=5", *TINY])
+    assert result.exit_code == EXIT_DIVERGED
+    assert "diverged at iteration 5: " in result.output
+    assert "the last good checkpoint is iteration 4" in result.output
+    assert [r["iteration"] for r in trainer.read_metrics(str(out))] == [1, 2, 3, 4]
+    checkpointer = Checkpointer(str(out / "checkpoints"))
+    assert checkpointer.all_iterations() == [4]
+    template = trainer.build(tiny_config())[2].init(jax.random.PRNGKey(0))
+    state, host = checkpointer.restore(template)
+    checkpointer.close()
+    assert int(state.iteration) == 4 and host["env_steps"] == 4 * 3 * 3 * 15 * 2
+    _, plain = trainer.train(tiny_config(iterations=4), progress=False, return_state=True)
+    for a, b in zip(jax.tree.leaves(plain.params), jax.tree.leaves(state.params)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-7)
+
+
+def test_iterations_per_call_must_divide_checkpoint_every():
+    with pytest.raises(ConfigError, match="iterations_per_call: 7 does not divide "
+                                          "checkpoint_every \\(50\\)"):
+        tiny_config(iterations_per_call=7)
