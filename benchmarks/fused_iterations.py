@@ -10,7 +10,6 @@ appends it to benchmarks/RESULTS.md with the machine named.
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import statistics
 import sys
@@ -19,7 +18,7 @@ import time
 import jax
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from meta_iteration import RESULTS, SETTINGS, machine_description  # noqa: E402
+from meta_iteration import SETTINGS, append_results  # noqa: E402
 from metarl_jax import trainer  # noqa: E402
 
 
@@ -67,11 +66,8 @@ def main():
            for fuse, seconds in rows])
     print(table)
     if not args.no_record:
-        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-        with open(RESULTS, "a") as f:
-            f.write(f"\n### Fused meta-iterations, {stamp}\n\nMachine: "
-                    f"{machine_description()}. Median over the calls, per iteration.\n\n"
-                    f"{table}\n")
+        append_results("Fused meta-iterations", "Median over the calls, per iteration.",
+                       table)
 
 
 if __name__ == "__main__":

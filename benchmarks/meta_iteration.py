@@ -53,6 +53,15 @@ def machine_description() -> str:
             f"{device.platform.upper()} ({getattr(device, 'device_kind', device.platform)})")
 
 
+def append_results(title: str, method: str, table: str, path=RESULTS) -> None:
+    """Appends a "### title, UTC time" block naming the machine, then how the numbers
+    were taken (`method`) and the table, to benchmarks/RESULTS.md."""
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    with open(path, "a") as f:
+        f.write(f"\n### {title}, {stamp}\n\nMachine: {machine_description()}. {method}\n\n"
+                f"{table}\n")
+
+
 def timed(fn, *args, repeats: int):
     """(first-call seconds including compilation, median seconds of later calls)."""
     start = time.perf_counter()
@@ -206,10 +215,8 @@ def main():
     table = "\n".join([header, *lines])
     print(table)
     if not args.no_record:
-        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-        with open(RESULTS, "a") as f:
-            f.write(f"\n### Meta-iteration, {stamp}\n\nMachine: {machine_description()}. "
-                    f"Median of {args.repeats} calls after the first.\n\n{table}\n")
+        append_results("Meta-iteration", f"Median of {args.repeats} calls after the first.",
+                       table)
 
 
 if __name__ == "__main__":

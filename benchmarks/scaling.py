@@ -9,13 +9,12 @@ Prints a table and appends it to benchmarks/RESULTS.md with the machine named.
 from __future__ import annotations
 
 import argparse
-import datetime
 import math
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from meta_iteration import RESULTS, bench, machine_description  # noqa: E402
+from meta_iteration import append_results, bench  # noqa: E402
 
 
 def main():
@@ -55,13 +54,11 @@ def main():
     table = "\n".join(lines)
     print(table)
     if not args.no_record:
-        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-        with open(RESULTS, "a") as f:
-            f.write(f"\n### Scaling, {args.algo} on {args.env}, {stamp}\n\nMachine: "
-                    f"{machine_description()}. Median of {args.repeats} calls after the "
-                    f"first; one size varied per sweep from M = 20, N = 20, H = 100; growth "
-                    f"is the time ratio per doubling against the previous row of the "
-                    f"sweep (1.0: free, 2.0: linear).\n\n{table}\n")
+        append_results(f"Scaling, {args.algo} on {args.env}",
+                       f"Median of {args.repeats} calls after the first; one size varied per "
+                       "sweep from M = 20, N = 20, H = 100; growth is the time ratio per "
+                       "doubling against the previous row of the sweep (1.0: free, 2.0: "
+                       "linear).", table)
 
 
 if __name__ == "__main__":
