@@ -271,8 +271,8 @@ def train(config: RunConfig, out_dir: str | None = None, force: bool = False,
     programs = {}
 
     def program(length: int):
-        """The compiled call that runs `length` meta-iterations (one program per length;
-        a run uses `iterations_per_call`, plus a shorter one for a last partial call)."""
+        """The compiled call that runs `length` meta-iterations (one program per length:
+        `iterations_per_call`, and a shorter one where a call is cut)."""
         if length not in programs:
             def fused(state):
                 return jax.lax.scan(lambda carry, _: checked_iteration(carry), state, None,
@@ -292,8 +292,12 @@ def train(config: RunConfig, out_dir: str | None = None, force: bool = False,
         return min(run.iterations_per_call, run.iterations - iteration + 1,
                    run.checkpoint_every - (iteration - 1) % run.checkpoint_every)
 
-    if first_iteration <= run.iterations:
-        program(call_length(first_iteration))  # compiled before the clock for iterations
+    # Every call length this run will use is compiled now, so nothing compiles inside
+    # the loop (but the one-iteration program a divergence inside a call needs).
+    iteration = first_iteration
+    while iteration <= run.iterations:
+        program(call_length(iteration))
+        iteration += call_length(iteration)
     metrics_file = writer = bar = None
     if out_dir is not None and primary:
         metrics_file = open(os.path.join(out_dir, "metrics.jsonl"), "a")

@@ -221,6 +221,21 @@ def test_fused_calls_give_the_same_run_as_one_iteration_per_call(tmp_path):
     assert trainer.read_metrics(str(tmp_path / "b")) == fused
 
 
+def test_fused_run_compiles_every_call_length_before_its_first_iteration():
+    """Calls of 3, cut at the checkpoint at 6 and at the end (7): the programs for 3 and
+    1 iterations are both traced before the loop, none during it."""
+    traces = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda name, *_, **__: traces.append(name)
+        if name == "/jax/core/compile/jaxpr_trace_duration" else None)
+    traces_at_each_iteration = []
+    trainer.train(tiny_config(iterations=7, checkpoint_every=6, iterations_per_call=3),
+                  progress=False, on_iteration=lambda _: traces_at_each_iteration.append(
+                      len(traces)))
+    assert len(traces_at_each_iteration) == 7
+    assert len(set(traces_at_each_iteration)) == 1
+
+
 def test_divergence_inside_a_fused_call_checkpoints_the_iteration_before_it(tmp_path):
     """Calls of 3 iterations, NaN planted at iteration 5 (the second of the call 4-6): the
     run stops there, records 1-4, and checkpoints iteration 4 (rerun from 3)."""

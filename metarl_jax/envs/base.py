@@ -19,6 +19,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from metarl_jax.config import ConfigError
+
 Task = Any  # a pytree of arrays
 
 
@@ -82,8 +84,6 @@ class TaskEnv(abc.ABC):
     def check_training_task_count(self, num_tasks: int, field: str) -> None:
         """Raises ConfigError, naming the config `field`, when a finite distribution
         holds fewer than `num_tasks` tasks."""
-        from metarl_jax.config import ConfigError
-
         size = self.task_set_size()
         if size is not None and num_tasks > size:
             raise ConfigError(f"config: {field}: {self.name} has {size} tasks; expected at "
