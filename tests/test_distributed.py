@@ -13,11 +13,12 @@ SCRIPT = textwrap.dedent("""
     import json, sys
     import jax
     from metarl_jax import trainer
-    algo, devices = sys.argv[1], int(sys.argv[2])
+    algo, devices, overrides = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
     assert len(jax.devices()) == 4, jax.devices()
     config = trainer.resolve_config({
         **trainer.DEFAULT_EXPERIMENT, "algo": algo, "iterations": 3, "devices": devices,
-        "meta_batch_size": 4, "episodes_per_task": 3, "horizon": 15, "hidden_sizes": [16, 16]})
+        "meta_batch_size": 4, "episodes_per_task": 3, "horizon": 15, "hidden_sizes": [16, 16],
+        **overrides})
     history = trainer.train(config, progress=False)
     assert all(r["devices"] == devices for r in history), history
     print(json.dumps([{k: v for k, v in r.items() if not k.endswith("_s") and k != "devices"}
@@ -31,10 +32,11 @@ SCRIPT = textwrap.dedent("""
 FOUR_DEVICES = "--xla_force_host_platform_device_count=4"
 
 
-def run(algo: str, devices: int) -> list:
+def run(algo: str, devices: int, **overrides) -> list:
     env = {**os.environ, "XLA_FLAGS": FOUR_DEVICES,
            "JAX_PLATFORMS": "cpu"}
-    out = subprocess.run([sys.executable, "-c", SCRIPT, algo, str(devices)], env=env,
+    out = subprocess.run([sys.executable, "-c", SCRIPT, algo, str(devices),
+                          json.dumps(overrides)], env=env,
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -54,11 +56,14 @@ def test_four_devices_match_one_device_promp():
 
 
 def test_four_devices_match_one_device_maml_trpo():
-    """Sums over tasks are reassociated across devices; on this tiny, ill-conditioned
-    problem TRPO's conjugate gradient amplifies those last-bit differences from one
-    iteration to the next (measured: step size 0.04 % apart after one iteration, 5 %
-    after three), so the first iteration is compared in full and the returns after."""
-    single, sharded = run("maml-trpo", 1), run("maml-trpo", 4)
+    """Sums over tasks are reassociated across devices, and TRPO's conjugate gradient
+    amplifies those last-bit differences where the Fisher matrix is singular: with the
+    [16, 16] policy (356 parameters) and 180 post-update states, the step size came out
+    0.9 % apart. With fewer parameters (116) than Fisher rows (2 × 360 states) the first
+    iteration agrees to 7e-4 and is compared in full; later iterations still drift
+    (the step size 0.3 % apart after three), so only their returns are compared."""
+    overrides = {"hidden_sizes": [8, 8], "episodes_per_task": 6}
+    single, sharded = run("maml-trpo", 1, **overrides), run("maml-trpo", 4, **overrides)
     assert_close(single[0], sharded[0], single[0].keys(), rel=2e-3)
     for a, b in zip(single[1:], sharded[1:]):
         assert_close(a, b, ("pre_return", "post_return", "env_steps"), rel=1e-2)
