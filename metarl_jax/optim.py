@@ -49,6 +49,13 @@ def hessian_vector_product(fn: Callable, params) -> Callable[[jax.Array], jax.Ar
     return lambda v: jax.jvp(flat_grad, (flat,), (v,))[1]
 
 
+def gaussian_fisher_diagonal(old_log_stds: jax.Array, weights: jax.Array):
+    """The Fisher information of a diagonal Gaussian in (μ, log σ), times state weights:
+    (w_s / σ², 2 w_s) per state s and action dimension, each shaped like `old_log_stds`.
+    It is the Hessian of KL(π_old ‖ π) in (μ, log σ) at π = π_old."""
+    return weights[..., None] * jnp.exp(-2.0 * old_log_stds), 2.0 * weights[..., None]
+
+
 def gaussian_fisher_vector_product(distribution_fn: Callable, params, old_log_stds: jax.Array,
                                    weights: jax.Array) -> Callable[[jax.Array], jax.Array]:
     """v ↦ ∇²KL(θ) v at θ = the sampling parameters, for
@@ -69,8 +76,7 @@ def gaussian_fisher_vector_product(distribution_fn: Callable, params, old_log_st
     _, unravel = ravel_pytree(params)
     _, linear = jax.linearize(distribution_fn, params)
     transpose = jax.linear_transpose(linear, params)
-    mean_precision = weights[..., None] * jnp.exp(-2.0 * old_log_stds)
-    log_std_precision = 2.0 * weights[..., None]
+    mean_precision, log_std_precision = gaussian_fisher_diagonal(old_log_stds, weights)
 
     def product(v):
         d_mean, d_log_std = linear(unravel(v))

@@ -139,14 +139,18 @@ def test_experiment_files_resolve(path):
     assert dataclasses.asdict(config.algorithm)["meta_batch_size"] == raw["meta_batch_size"]
 
 
-def test_gauss_newton_kl_product_equals_autodiff_hessian_at_sampling_parameters():
-    """MAML-TRPO's fast Fisher-vector product is the exact Hessian of the meta KL at θ."""
+@pytest.mark.parametrize("algo, first_order", [("maml-trpo", False), ("lvc-trpo", False),
+                                               ("maml-trpo", True)])
+def test_gauss_newton_kl_product_equals_autodiff_hessian_at_sampling_parameters(algo,
+                                                                                first_order):
+    """The TRPO variants' fast Fisher-vector product (inner-step Hessians applied on both
+    sides) is the exact Hessian of the meta KL at θ, two inner steps deep."""
     from jax.flatten_util import ravel_pytree
 
     from metarl_jax.optim import hessian_vector_product
 
     with jax.enable_x64(True):
-        algorithm = build("maml-trpo", inner_steps=2)
+        algorithm = build(algo, inner_steps=2, first_order=first_order)
         state = algorithm.init(jax.random.PRNGKey(0))
         theta = jax.tree.map(lambda x: x.astype(jnp.float64), state.params)
         tasks = algorithm.env.sample_tasks(jax.random.PRNGKey(1), 3)

@@ -23,15 +23,17 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
+from jax.flatten_util import ravel_pytree
 
 from metarl_jax.advantages import dice_adjusted_rewards
-from metarl_jax.algorithms.common import (MetaLearner, adaptation_returns, phase_returns,
+from metarl_jax.algorithms.common import (MetaLearner, adaptation_returns,
+                                          broadcast_to_tasks, phase_returns,
                                           sample_adaptation_phases, standard_advantages)
 from metarl_jax.config import SamplingConfig, at_least, check, field, positive
 from metarl_jax.envs.base import TaskEnv
 from metarl_jax.losses import (dice_loss, inner_update, likelihood_ratio_loss,
                                log_likelihood_loss, masked_mean, mean_kl_from_sampler)
-from metarl_jax.optim import gaussian_fisher_vector_product, trpo_step
+from metarl_jax.optim import gaussian_fisher_diagonal, trpo_step
 from metarl_jax.policies import GaussianPolicy
 from metarl_jax.rollout import Trajectories
 
@@ -160,20 +162,66 @@ class MAMLFamily(MetaLearner):
 
     def meta_kl_hvp(self, theta, pre_batches: Trajectories, post_batch: Trajectories):
         """The Hessian-vector product of `meta_kl` at the sampling θ, in Gauss–Newton form
-        (exact there; see `gaussian_fisher_vector_product`)."""
+        (exact there; see `gaussian_fisher_vector_product`), factored through the inner
+        steps.
 
-        def post_distributions(theta):
-            def task_distribution(pre, post):
-                adapted = self.adapt(theta, pre)[-1]
-                return self.policy.distribution(adapted, post.observations)
+        Per task, φ_k = φ_{k−1} − α ∇L_in(φ_{k−1}; batch_k), so the Jacobian of the
+        post-update distribution is J = J_post(φ_K) (I − α H_K) ⋯ (I − α H_1) with
+        H_k = ∇²L_in(φ_{k−1}; batch_k). Each H_k is a Hessian, hence symmetric, and
 
-            return jax.vmap(task_distribution)(pre_batches, post_batch)
+            Jᵀ F J v = (I − α H_1) ⋯ (I − α H_K) J_postᵀ F J_post (I − α H_K) ⋯ (I − α H_1) v.
 
+        Every H_k is linearised once and applied forwards on both sides; only the
+        post-update distribution is transposed. Transposing the whole linearised map
+        instead costs a reverse pass through each inner gradient's tangent, which on the
+        2-core CPU made the conjugate-gradient loop 1.3–1.6× slower
+        (benchmarks/RESULTS.md). With `first_order`, dφ_K/dθ = I and J = J_post(φ_K).
+        """
+        c = self.config
+        num_tasks = post_batch.masks.shape[0]
+
+        def inner_gradient(params, batch):
+            return jax.grad(self.inner_loss, argnums=1)(self.policy, params, batch)
+
+        # Per-task parameters from the start, so tangents can differ between tasks.
+        adapted = broadcast_to_tasks(theta, num_tasks)
+        hessian_products = []
+        for k in range(pre_batches.rewards.shape[1]):
+            batch = jax.tree.map(lambda x: x[:, k], pre_batches)
+            gradients, hessian_product = jax.linearize(
+                lambda params: jax.vmap(inner_gradient)(params, batch), adapted)
+            hessian_products.append(hessian_product)
+            adapted = jax.tree.map(lambda p, g: p - c.inner_lr * g, adapted, gradients)
+
+        def post_distributions(params):
+            return jax.vmap(self.policy.distribution)(params, post_batch.observations)
+
+        _, post_jvp = jax.linearize(post_distributions, adapted)
+        post_vjp = jax.linear_transpose(post_jvp, adapted)
         masks = post_batch.masks
         count = jnp.maximum(jnp.sum(masks, axis=(1, 2), keepdims=True), 1.0)
-        weights = masks / count / masks.shape[0]
-        return gaussian_fisher_vector_product(post_distributions, theta, post_batch.log_stds,
-                                              weights)
+        mean_precision, log_std_precision = gaussian_fisher_diagonal(
+            post_batch.log_stds, masks / count / num_tasks)
+
+        def through_inner_steps(tangents, order):
+            if c.first_order:
+                return tangents
+            for hessian_product in order:
+                tangents = jax.tree.map(lambda t, h: t - c.inner_lr * h, tangents,
+                                        hessian_product(tangents))
+            return tangents
+
+        _, unravel = ravel_pytree(theta)
+
+        def product(vector):
+            tangents = through_inner_steps(broadcast_to_tasks(unravel(vector), num_tasks),
+                                           hessian_products)
+            d_mean, d_log_std = post_jvp(tangents)
+            (pulled_back,) = post_vjp((mean_precision * d_mean, log_std_precision * d_log_std))
+            pulled_back = through_inner_steps(pulled_back, reversed(hessian_products))
+            return ravel_pytree(jax.tree.map(lambda x: jnp.sum(x, axis=0), pulled_back))[0]
+
+        return product
 
     def adaptation_returns(self, params, key, num_tasks, adapt_steps, episodes_per_task):
         return adaptation_returns(self.env, self.policy, self.config, params, key, num_tasks,
