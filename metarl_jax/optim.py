@@ -14,12 +14,15 @@ from jax.flatten_util import ravel_pytree
 
 
 def conjugate_gradient(matvec: Callable[[jax.Array], jax.Array], b: jax.Array,
-                       iterations: int = 10, residual_tol: float = 1e-10) -> jax.Array:
+                       iterations: int = 10, residual_tol: float = 1e-10,
+                       return_residual: bool = False):
     """Approximately solves A x = b for symmetric positive-definite A, given x ↦ A x.
 
     The classic CG recursion (Hestenes–Stiefel) from x₀ = 0, run for `iterations` steps
     or until the squared residual falls below `residual_tol` (the remaining steps then
-    leave x unchanged), as in rllab/ProMP's `cg`.
+    leave x unchanged), as in rllab/ProMP's `cg`. With `return_residual`, returns
+    (x, r) with r = b − A x as the recursion carries it, so that xᵀ A x = xᵀ (b − r)
+    costs no further product with A.
     """
 
     def body(_, carry):
@@ -35,8 +38,8 @@ def conjugate_gradient(matvec: Callable[[jax.Array], jax.Array], b: jax.Array,
         return keep(x_new, x), keep(r_new, r), keep(p_new, p), keep(rr_new, rr)
 
     zeros = jnp.zeros_like(b)
-    x, _, _, _ = jax.lax.fori_loop(0, iterations, body, (zeros, b, b, jnp.dot(b, b)))
-    return x
+    x, r, _, _ = jax.lax.fori_loop(0, iterations, body, (zeros, b, b, jnp.dot(b, b)))
+    return (x, r) if return_residual else x
 
 
 def hessian_vector_product(fn: Callable, params) -> Callable[[jax.Array], jax.Array]:
@@ -93,7 +96,8 @@ def trpo_step(loss_fn: Callable, kl_fn: Callable, params, max_kl: float = 0.01,
 
     Minimises `loss_fn` subject to `kl_fn(params') ≤ max_kl`:
       s = (H + damping·I)⁻¹ g by conjugate gradient, H the exact Hessian of `kl_fn` at
-      `params`, g = ∇loss; initial step β s with β = sqrt(2 δ / (sᵀ (H + damping·I) s));
+      `params`, g = ∇loss; initial step β s with β = sqrt(2 δ / (sᵀ (H + damping·I) s)),
+      the curvature sᵀ (H + damping·I) s = sᵀ (g − r) from CG's final residual r;
       backtracking line search over β·ratio^j, j = 0..max_backtracks-1, accepting the
       first step that lowers the loss and keeps the KL ≤ δ; otherwise params unchanged.
       `kl_hvp` may supply the KL's Hessian-vector product at `params` (for instance
@@ -112,8 +116,11 @@ def trpo_step(loss_fn: Callable, kl_fn: Callable, params, max_kl: float = 0.01,
     def damped_hvp(v):
         return kl_hvp(v) + damping * v
 
-    direction = conjugate_gradient(damped_hvp, gradient, cg_iterations)
-    curvature = jnp.dot(direction, damped_hvp(direction))
+    direction, residual = conjugate_gradient(damped_hvp, gradient, cg_iterations,
+                                             return_residual=True)
+    # sᵀ(H + λI)s from CG's residual, s ᵀ(g − r), where rllab spends one more
+    # Hessian-vector product on it (1 of 11 per TRPO step at the defaults).
+    curvature = jnp.dot(direction, gradient - residual)
     step_size = jnp.sqrt(2.0 * max_kl / (curvature + 1e-8))
     full_step = step_size * direction
 

@@ -49,6 +49,11 @@ def test_conjugate_gradient_matches_dense_solve_of_damped_fisher():
             x, r = x + alpha * p, r - alpha * z
             p, rr = r + (r @ r) / rr * p, r @ r
         np.testing.assert_allclose(ten, x, rtol=1e-8, atol=1e-10)
+        # TRPO's curvature xᵀAx from the carried residual equals the direct product.
+        ten, residual = conjugate_gradient(lambda v: hvp(v) + damping * v, b, iterations=10,
+                                           return_residual=True)
+        np.testing.assert_allclose(np.asarray(ten) @ (np.asarray(b) - np.asarray(residual)),
+                                   x @ dense @ x, rtol=1e-10)
         five = np.asarray(conjugate_gradient(lambda v: hvp(v) + damping * v, b, iterations=5))
 
         def objective(v):
