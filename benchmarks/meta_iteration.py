@@ -173,12 +173,14 @@ def model_flops_per_iteration(policy, config, algo: str, algorithm) -> float:
     if algo == "promp":
         outer *= config.promp_steps
     elif algo.endswith("-trpo"):
-        # gradient + CG iterations of a Gauss-Newton Fisher-vector product (a linearised
-        # forward and its transpose through the inner step: ~6 passes over the pre data,
-        # 2 over the post data) + one line-search evaluation (the usual case: the first
-        # candidate is accepted; the inner step and the post loss, ~4 passes)
-        outer += config.cg_iterations * (6 * _forward_flops(policy, pre)
-                                         + 2 * _forward_flops(policy, per_phase)) \
+        # gradient + CG iterations of a Gauss-Newton Fisher-vector product (two
+        # inner-Hessian products, each 6 passes over the pre data: the tangents of the
+        # forward pass, of the backward pass and of the weight gradients; a linearised
+        # forward and its transpose over the post data, 4 passes) + one line-search
+        # evaluation (the usual case: the first candidate is accepted; the inner step
+        # and the post loss, ~4 passes)
+        outer += config.cg_iterations * (12 * _forward_flops(policy, pre)
+                                         + 4 * _forward_flops(policy, per_phase)) \
             + 3 * _forward_flops(policy, pre) + _forward_flops(policy, per_phase)
     elif algo == "memrl":
         outer = 3 * _forward_flops(policy, pre)  # proximal steps are ordinary PG steps
