@@ -118,7 +118,7 @@ def trpo_step(loss_fn: Callable, kl_fn: Callable, params, max_kl: float = 0.01,
 
     direction, residual = conjugate_gradient(damped_hvp, gradient, cg_iterations,
                                              return_residual=True)
-    # sᵀ(H + λI)s from CG's residual, s ᵀ(g − r), where rllab spends one more
+    # sᵀ(H + λI)s from CG's residual, sᵀ(g − r), where rllab spends one more
     # Hessian-vector product on it (1 of 11 per TRPO step at the defaults).
     curvature = jnp.dot(direction, gradient - residual)
     step_size = jnp.sqrt(2.0 * max_kl / (curvature + 1e-8))
