@@ -14,7 +14,9 @@ patching the library for the duration of one compilation:
 - `fvp`: MAML-TRPO's Fisher-vector product as the transpose of the whole linearised map
   θ ↦ (μ, log σ) through the inner steps (`gaussian_fisher_vector_product`), against
   the inner Hessians applied on both sides (`MAMLFamily.meta_kl_hvp`);
-- `curvature`: TRPO's sᵀAs by one more Fisher-vector product, against CG's residual.
+- `curvature`: TRPO's sᵀAs by one more Fisher-vector product, against CG's residual;
+- `promp-kl`: ProMP's LVC inner loss and KL penalty from two forward passes over each
+  pre-update batch, against one (`lvc_inner_loss_with_kl`).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import jax
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from meta_iteration import append_results  # noqa: E402
 
-from metarl_jax import optim, policies, trainer  # noqa: E402
+from metarl_jax import losses, optim, policies, trainer  # noqa: E402
 from metarl_jax.algorithms import maml  # noqa: E402
 
 SETTING = {"env": {"name": "point-nav"}, "meta_batch_size": 20, "episodes_per_task": 20,
@@ -78,6 +80,12 @@ def conjugate_gradient_then_product(matvec, b, iterations=10, residual_tol=1e-10
 
 CONJUGATE_GRADIENT = optim.conjugate_gradient
 
+
+def lvc_loss_and_kl_separately(policy, params, batch):
+    return (losses.lvc_inner_loss(policy, params, batch),
+            losses.mean_kl_from_sampler(policy, params, batch))
+
+
 CHANGES = {
     # change: (algorithms, {variant: patches}); the last variant is the current code.
     "policy": (("promp", "maml-trpo"), {
@@ -91,6 +99,9 @@ CHANGES = {
     "curvature": (("maml-trpo",), {
         "one more product": [(optim, "conjugate_gradient", conjugate_gradient_then_product)],
         "from CG's residual": []}),
+    "promp-kl": (("promp",), {
+        "two forward passes": [(losses, "lvc_inner_loss_with_kl", lvc_loss_and_kl_separately)],
+        "one forward pass": []}),
 }
 
 

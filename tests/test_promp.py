@@ -11,7 +11,8 @@ from metarl_jax.advantages import process_phase
 from metarl_jax.algorithms.common import sample_adaptation_phases
 from metarl_jax.algorithms.promp import ProMP, ProMPConfig, adapt_kl_coeffs
 from metarl_jax.envs import make_env
-from metarl_jax.losses import (inner_update, likelihood_ratio, lvc_inner_loss, masked_mean,
+from metarl_jax.losses import (inner_update, likelihood_ratio, lvc_inner_loss,
+                               lvc_inner_loss_with_kl, masked_mean, mean_kl_from_sampler,
                                promp_clipped_objective)
 from metarl_jax.policies import GaussianPolicy
 from metarl_jax.rollout import collect
@@ -33,6 +34,30 @@ def point_nav_batch():
                     per_task_params=False)
     batch = process_phase(batch, 0.99, 1.0)
     return policy, params, jax.tree.map(lambda x: x[0], batch)  # one task's batch
+
+
+def test_fused_lvc_loss_and_kl_equal_the_separate_functions(point_nav_batch):
+    """ProMP's one-forward (LVC loss, KL) pair: values, the inner step and the gradient
+    through both, away from the sampling policy so the KL is not at its minimum."""
+    policy, params, batch = point_nav_batch
+    params = jax.tree.map(lambda x: x + 0.05, params)
+
+    def separate(p):
+        return lvc_inner_loss(policy, p, batch), mean_kl_from_sampler(policy, p, batch)
+
+    np.testing.assert_allclose(lvc_inner_loss_with_kl(policy, params, batch), separate(params),
+                               rtol=1e-6)
+    assert float(separate(params)[1]) > 1e-3
+
+    def outer(p, inner_loss, has_aux):
+        adapted = inner_update(inner_loss, policy, p, batch, 0.1, has_aux=has_aux)
+        adapted, kl = adapted if has_aux else (adapted, mean_kl_from_sampler(policy, p, batch))
+        return jnp.sum(adapted["params"]["Dense_2"]["kernel"] ** 2) + kl
+
+    fused = jax.grad(outer)(params, lvc_inner_loss_with_kl, True)
+    reference = jax.grad(outer)(params, lvc_inner_loss, False)
+    for a, b in zip(jax.tree.leaves(fused), jax.tree.leaves(reference)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
 def test_likelihood_ratio_is_one_at_the_sampling_policy(point_nav_batch):
