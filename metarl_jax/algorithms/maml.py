@@ -174,7 +174,7 @@ class MAMLFamily(MetaLearner):
         Every H_k is linearised once and applied forwards on both sides; only the
         post-update distribution is transposed. Transposing the whole linearised map
         instead costs a reverse pass through each inner gradient's tangent, which on the
-        2-core CPU made the conjugate-gradient loop 1.3–1.6× slower
+        2-core CPU made the conjugate-gradient loop 1.2–1.6× slower
         (benchmarks/RESULTS.md). With `first_order`, dφ_K/dθ = I and J = J_post(φ_K).
         """
         c = self.config
