@@ -31,13 +31,11 @@ import time
 import jax
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from meta_iteration import append_results  # noqa: E402
+from meta_iteration import SETTINGS, append_results  # noqa: E402
 
 from metarl_jax import losses, optim, policies, trainer  # noqa: E402
 from metarl_jax.algorithms import maml  # noqa: E402
 
-SETTING = {"env": {"name": "point-nav"}, "meta_batch_size": 20, "episodes_per_task": 20,
-           "horizon": 100}
 
 
 @contextlib.contextmanager
@@ -64,11 +62,12 @@ def transposed_kl_hvp(self, theta, pre_batches, post_batch):
 
         return jax.vmap(task_distribution)(pre_batches, post_batch)
 
-    masks = post_batch.masks
-    count = jax.numpy.maximum(jax.numpy.sum(masks, axis=(1, 2), keepdims=True), 1.0)
     return optim.gaussian_fisher_vector_product(post_distributions, theta,
                                                 post_batch.log_stds,
-                                                masks / count / masks.shape[0])
+                                                self.post_state_weights(post_batch))
+
+
+CONJUGATE_GRADIENT = optim.conjugate_gradient  # the current one, kept before patching
 
 
 def conjugate_gradient_then_product(matvec, b, iterations=10, residual_tol=1e-10,
@@ -76,9 +75,6 @@ def conjugate_gradient_then_product(matvec, b, iterations=10, residual_tol=1e-10
     """CG whose residual is recomputed as b − A x: one more product, as rllab spends."""
     x = CONJUGATE_GRADIENT(matvec, b, iterations, residual_tol)
     return (x, b - matvec(x)) if return_residual else x
-
-
-CONJUGATE_GRADIENT = optim.conjugate_gradient
 
 
 def lvc_loss_and_kl_separately(policy, params, batch):
@@ -106,7 +102,10 @@ CHANGES = {
 
 
 def compile_variant(algo: str, patches) -> tuple:
-    run_config = trainer.resolve_config({"algo": algo, **SETTING})
+    env_name, meta_batch, episodes, horizon = SETTINGS["point-nav"]
+    run_config = trainer.resolve_config({
+        "algo": algo, "env": {"name": env_name}, "meta_batch_size": meta_batch,
+        "episodes_per_task": episodes, "horizon": horizon})
     _, _, algorithm = trainer.build(run_config)
     state = algorithm.init(jax.random.PRNGKey(0))
     with contextlib.ExitStack() as stack:

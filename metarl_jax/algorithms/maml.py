@@ -171,57 +171,55 @@ class MAMLFamily(MetaLearner):
 
             Jᵀ F J v = (I − α H_1) ⋯ (I − α H_K) J_postᵀ F J_post (I − α H_K) ⋯ (I − α H_1) v.
 
-        Every H_k is linearised once and applied forwards on both sides; only the
-        post-update distribution is transposed. Transposing the whole linearised map
+        Each inner step φ_{k−1} ↦ φ_k (`inner_update`) is linearised once and its
+        Jacobian I − α H_k applied forwards on both sides; only the post-update
+        distribution is transposed. Transposing the whole linearised map
         instead costs a reverse pass through each inner gradient's tangent, which on the
         2-core CPU made the conjugate-gradient loop 1.2–1.6× slower
-        (benchmarks/RESULTS.md). With `first_order`, dφ_K/dθ = I and J = J_post(φ_K).
+        (benchmarks/RESULTS.md). With `first_order`, the steps' Jacobians are I.
         """
         c = self.config
         num_tasks = post_batch.masks.shape[0]
-
-        def inner_gradient(params, batch):
-            return jax.grad(self.inner_loss, argnums=1)(self.policy, params, batch)
+        step = jax.vmap(inner_update, in_axes=(None, None, 0, 0, None, None))
 
         # Per-task parameters from the start, so tangents can differ between tasks.
         adapted = broadcast_to_tasks(theta, num_tasks)
-        hessian_products = []
+        step_jacobians = []  # v ↦ (I − α H_k) v, per task
         for k in range(pre_batches.rewards.shape[1]):
             batch = jax.tree.map(lambda x: x[:, k], pre_batches)
-            gradients, hessian_product = jax.linearize(
-                lambda params: jax.vmap(inner_gradient)(params, batch), adapted)
-            hessian_products.append(hessian_product)
-            adapted = jax.tree.map(lambda p, g: p - c.inner_lr * g, adapted, gradients)
+            adapted, step_jacobian = jax.linearize(
+                lambda params: step(self.inner_loss, self.policy, params, batch, c.inner_lr,
+                                    c.first_order), adapted)
+            step_jacobians.append(step_jacobian)
 
         def post_distributions(params):
             return jax.vmap(self.policy.distribution)(params, post_batch.observations)
 
         _, post_jvp = jax.linearize(post_distributions, adapted)
         post_vjp = jax.linear_transpose(post_jvp, adapted)
-        masks = post_batch.masks
-        count = jnp.maximum(jnp.sum(masks, axis=(1, 2), keepdims=True), 1.0)
         mean_precision, log_std_precision = gaussian_fisher_diagonal(
-            post_batch.log_stds, masks / count / num_tasks)
-
-        def through_inner_steps(tangents, order):
-            if c.first_order:
-                return tangents
-            for hessian_product in order:
-                tangents = jax.tree.map(lambda t, h: t - c.inner_lr * h, tangents,
-                                        hessian_product(tangents))
-            return tangents
-
+            post_batch.log_stds, self.post_state_weights(post_batch))
         _, unravel = ravel_pytree(theta)
 
         def product(vector):
-            tangents = through_inner_steps(broadcast_to_tasks(unravel(vector), num_tasks),
-                                           hessian_products)
+            tangents = broadcast_to_tasks(unravel(vector), num_tasks)
+            for step_jacobian in step_jacobians:
+                tangents = step_jacobian(tangents)
             d_mean, d_log_std = post_jvp(tangents)
             (pulled_back,) = post_vjp((mean_precision * d_mean, log_std_precision * d_log_std))
-            pulled_back = through_inner_steps(pulled_back, reversed(hessian_products))
+            for step_jacobian in reversed(step_jacobians):
+                pulled_back = step_jacobian(pulled_back)
             return ravel_pytree(jax.tree.map(lambda x: jnp.sum(x, axis=0), pulled_back))[0]
 
         return product
+
+    @staticmethod
+    def post_state_weights(post_batch: Trajectories) -> jax.Array:
+        """[M, N, H] weights that make Σ w_s a mean over each task's real post-update
+        states, averaged over tasks (the meta KL's weighting)."""
+        masks = post_batch.masks
+        count = jnp.maximum(jnp.sum(masks, axis=(1, 2), keepdims=True), 1.0)
+        return masks / count / masks.shape[0]
 
     def adaptation_returns(self, params, key, num_tasks, adapt_steps, episodes_per_task):
         return adaptation_returns(self.env, self.policy, self.config, params, key, num_tasks,
