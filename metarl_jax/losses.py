@@ -36,8 +36,15 @@ def likelihood_ratio_loss(policy: GaussianPolicy, params, batch: Trajectories) -
     sg(log π_φ): at φ = sampling policy the ratio is 1 and the gradient is the plain
     policy gradient, yet the Hessian through the ratio keeps the H1 + H2 terms.
     """
-    ratio = likelihood_ratio(policy, params, batch)
-    return -masked_mean(ratio * batch.advantages, batch.masks)
+    return _ratio_loss(policy.log_prob(params, batch.observations, batch.actions), batch)
+
+
+def _ratio_loss(log_probs: jax.Array, batch: Trajectories) -> jax.Array:
+    return -masked_mean(jnp.exp(log_probs - batch.log_probs) * batch.advantages, batch.masks)
+
+
+def _kl_to_sampler(mean: jax.Array, log_std: jax.Array, batch: Trajectories) -> jax.Array:
+    return masked_mean(gaussian_kl(batch.means, batch.log_stds, mean, log_std), batch.masks)
 
 
 lvc_inner_loss = likelihood_ratio_loss
@@ -51,10 +58,8 @@ def lvc_inner_loss_with_kl(policy: GaussianPolicy, params,
     the pre-update batch (6–9 % of a point-nav ProMP iteration on CPU).
     """
     mean, log_std = policy.distribution(params, batch.observations)
-    ratio = jnp.exp(gaussian_log_prob(mean, log_std, batch.actions) - batch.log_probs)
-    loss = -masked_mean(ratio * batch.advantages, batch.masks)
-    return loss, masked_mean(gaussian_kl(batch.means, batch.log_stds, mean, log_std),
-                             batch.masks)
+    return (_ratio_loss(gaussian_log_prob(mean, log_std, batch.actions), batch),
+            _kl_to_sampler(mean, log_std, batch))
 
 
 def log_likelihood_loss(policy: GaussianPolicy, params, batch: Trajectories) -> jax.Array:
@@ -113,8 +118,7 @@ def mean_kl_from_sampler(policy: GaussianPolicy, params, batch: Trajectories) ->
     π_old is the stored sampling distribution (`means`, `log_stds`), a constant.
     """
     mean, log_std = policy.distribution(params, batch.observations)
-    kl = gaussian_kl(batch.means, batch.log_stds, mean, log_std)
-    return masked_mean(kl, batch.masks)
+    return _kl_to_sampler(mean, log_std, batch)
 
 
 def inner_update(inner_loss, policy: GaussianPolicy, params, batch: Trajectories,
