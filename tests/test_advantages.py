@@ -1,6 +1,7 @@
-"""Returns, baseline, GAE, normalisation (ALGORITHMS.md §0) and Gaussian helpers,
+"""Returns, baseline, GAE, normalisation and Gaussian helpers,
 against plain Python / numpy references."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -239,6 +240,8 @@ def _phase_batch(rng, m, n, h, obs_size):
     act = np.zeros((m, n, h, 2), np.float32)
     traj = Trajectories(observations=jnp.asarray(obs), actions=jnp.asarray(act),
                         rewards=jnp.asarray(rewards), masks=jnp.asarray(masks),
+                        dones=jnp.asarray(zeros),
+                        timesteps=jnp.broadcast_to(jnp.arange(h, dtype=jnp.float32), (m, n, h)),
                         log_probs=jnp.asarray(zeros), means=jnp.asarray(act),
                         log_stds=jnp.asarray(act), returns=jnp.asarray(zeros),
                         advantages=jnp.asarray(zeros))
@@ -347,3 +350,79 @@ def test_gaussian_kl_self_is_zero_and_batched():
     qp = float(gaussian_kl(jnp.ones(1), jnp.log(2.0) * jnp.ones(1), jnp.zeros(1), jnp.zeros(1)))
     np.testing.assert_allclose(pq, np.log(2) + (1 + 1) / 8 - 0.5, rtol=1e-5)
     np.testing.assert_allclose(qp, -np.log(2) + (4 + 1) / 2 - 0.5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------
+# Lanes holding several episodes (a body that fell and restarted)
+# ---------------------------------------------------------------------------------------
+
+def _episodes(dones_row, horizon):
+    """[(start, end)] of the episodes of one lane; the last one is cut at the horizon."""
+    ends = list(np.flatnonzero(dones_row)) + ([horizon - 1] if not dones_row[-1] else [])
+    starts = [0] + [e + 1 for e in ends[:-1]]
+    return list(zip(starts, ends))
+
+
+@pytest.fixture
+def restarting_lanes():
+    rng = np.random.default_rng(11)
+    n, h = 4, 15
+    dones = np.zeros((n, h), np.float32)
+    dones[0, [3, 9]] = 1.0  # three episodes, the last cut
+    dones[1, 0] = 1.0  # a one-step episode first
+    dones[2, h - 1] = 1.0  # ends exactly at the last step
+    rewards = rng.normal(size=(n, h)).astype(np.float32)
+    values = rng.normal(size=(n, h)).astype(np.float32)
+    return rewards, values, dones
+
+
+def test_returns_and_gae_restart_at_episode_boundaries(restarting_lanes):
+    rewards, values, dones = restarting_lanes
+    n, h = rewards.shape
+    masks = np.ones_like(rewards)
+    expected_returns = np.zeros((n, h))
+    expected_gae = np.zeros((n, h))
+    for lane in range(n):
+        for start, end in _episodes(dones[lane], h):
+            piece = slice(start, end + 1)
+            one = np.ones((1, end + 1 - start), np.float32)
+            expected_returns[lane, piece] = _ref_returns(rewards[None, lane, piece], one, GAMMA)
+            expected_gae[lane, piece] = _ref_gae(rewards[None, lane, piece],
+                                                 values[None, lane, piece], one, GAMMA, 0.9)
+    got_returns = discounted_returns(jnp.asarray(rewards), jnp.asarray(masks), GAMMA,
+                                     jnp.asarray(dones))
+    got_gae = generalized_advantages(jnp.asarray(rewards), jnp.asarray(values),
+                                     jnp.asarray(masks), GAMMA, 0.9, jnp.asarray(dones))
+    np.testing.assert_allclose(np.asarray(got_returns), expected_returns, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(got_gae), expected_gae, atol=1e-5)
+    # without the boundaries the lane-long sums differ (the test can fail)
+    assert not np.allclose(np.asarray(discounted_returns(jnp.asarray(rewards),
+                                                         jnp.asarray(masks), GAMMA)),
+                           expected_returns, atol=1e-3)
+
+
+def test_baseline_time_feature_restarts_with_the_episode():
+    obs = np.zeros((6, 1), np.float32)
+    timesteps = np.array([0, 1, 2, 0, 1, 2], np.float32)
+    features = np.asarray(baseline_features(jnp.asarray(obs), jnp.asarray(timesteps)))
+    np.testing.assert_allclose(features[:, 2], timesteps / 100.0, rtol=1e-6)
+    np.testing.assert_allclose(features[:, 4], (timesteps / 100.0) ** 3, rtol=1e-6)
+
+
+def test_episode_returns_average_the_ended_episodes(restarting_lanes):
+    rewards, _, dones = restarting_lanes
+    n, h = rewards.shape
+    dones[3] = 0.0  # lane 3: no episode ended, its cut episode counts
+    batch = _phase_batch(np.random.default_rng(0), 1, n, h, 2)[0]
+    batch = jax.tree.map(lambda x: x[0], batch).replace(
+        rewards=jnp.asarray(rewards), masks=jnp.ones((n, h)), dones=jnp.asarray(dones))
+    counted = []
+    for lane in range(n):
+        episodes = _episodes(dones[lane], h)
+        if dones[lane].any():
+            episodes = [(s, e) for s, e in episodes if dones[lane, e]]
+        counted += [rewards[lane, s:e + 1].sum() for s, e in episodes]
+    assert len(counted) == 2 + 1 + 1 + 1
+    np.testing.assert_allclose(float(batch.mean_episode_return()), np.mean(counted),
+                               rtol=1e-5)
+    assert float(batch.episode_count()) == len(counted)

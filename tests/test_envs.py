@@ -11,7 +11,7 @@ import pytest
 
 from metarl_jax.envs import make_env
 from metarl_jax.policies import GaussianPolicy
-from metarl_jax.rollout import rollout_episode
+from metarl_jax.rollout import rollout_lane
 
 # ---------------------------------------------------------------------------------------
 # point-nav
@@ -103,7 +103,7 @@ def test_point_nav_rollout_masks_after_done(point_nav):
     goal = np.array([0.305, -0.295])
     task = {"goal": jnp.asarray(goal, jnp.float32)}
 
-    traj = jax.jit(rollout_episode, static_argnums=(0, 1, 5))(
+    traj = jax.jit(rollout_lane, static_argnums=(0, 1, 5))(
         point_nav, policy, params, task, jax.random.PRNGKey(1), horizon)
 
     # the walker moves (0.1, -0.1) per step: positions 0.1, 0.2, 0.3 -> inside the box at
@@ -120,8 +120,11 @@ def test_point_nav_rollout_masks_after_done(point_nav):
     # the policy kept pushing (the actions are still the raw ~(10, -10)) but nothing moved
     np.testing.assert_allclose(np.asarray(traj.actions), np.tile([10.0, -10.0], (8, 1)),
                                atol=1e-4)
-    np.testing.assert_allclose(float(traj.episode_returns()), sum(expected_rewards),
+    np.testing.assert_allclose(float(traj.mean_episode_return()), sum(expected_rewards),
                                atol=1e-5)
+    # the lane stays idle after the goal: one ended episode, no fresh one
+    np.testing.assert_array_equal(np.asarray(traj.dones), [0, 0, 1, 0, 0, 0, 0, 0])
+    assert float(traj.episode_count()) == 1.0
 
 
 # ---------------------------------------------------------------------------------------

@@ -186,7 +186,9 @@ def _batch(states, actions, theta):
     to_go = jnp.cumsum(discounted[..., ::-1], axis=-1)[..., ::-1]
     zeros = jnp.zeros_like(act)
     batch = Trajectories(observations=obs, actions=act, rewards=rewards,
-                         masks=jnp.ones_like(rewards),
+                         masks=jnp.ones_like(rewards), dones=jnp.zeros_like(rewards),
+                         timesteps=jnp.broadcast_to(jnp.arange(H, dtype=rewards.dtype),
+                                                    rewards.shape),
                          log_probs=POLICY.log_prob(unflatten(theta), obs, act),
                          means=zeros, log_stds=zeros, returns=to_go, advantages=to_go)
     return batch, batch.replace(advantages=discounted)

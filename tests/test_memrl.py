@@ -111,7 +111,7 @@ def test_meta_iteration_applies_the_moreau_step():
     for a, b in zip(jax.tree.leaves(new_state.params), jax.tree.leaves(expected)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(float(metrics["post_return"]),
-                               float(jnp.mean(post.episode_returns())), rtol=1e-5)
+                               float(post.mean_episode_return()), rtol=1e-5)
     assert pre.rewards.shape[:2] == (3, 2)  # [M, K]
     assert algorithm.env_steps_per_iteration == 3 * 3 * 12 * 3
     assert float(metrics["proximal_distance"]) > 0.0

@@ -5,6 +5,7 @@ differences, the KL rule, and compile-once behaviour of the meta-iteration."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from metarl_jax.advantages import process_phase
@@ -227,3 +228,25 @@ def test_kl_penalty_enters_the_loss(point_nav_batch):
     assert float(aux["kls"][0]) > 0.0
     np.testing.assert_allclose(float(with_kl - without), 2.0 * float(aux["kls"][0]),
                                rtol=1e-4)
+
+
+def test_adaptive_kl_reads_the_kls_at_the_final_theta(tiny_promp):
+    """The reference recomputes the inner KLs after the last Adam step; the KLs of the
+    last step's own evaluation (one step earlier) would give other coefficients."""
+    algorithm, meta_iteration = tiny_promp
+    state = algorithm.init(jax.random.PRNGKey(5))
+    new_state, metrics = meta_iteration(state)
+    _, task_key, sample_key = jax.random.split(state.key, 3)
+    tasks = algorithm.env.sample_tasks(task_key, algorithm.config.meta_batch_size)
+    pre, post = sample_adaptation_phases(algorithm.env, algorithm.policy, algorithm.config,
+                                         state.params, tasks, sample_key)
+    kls_at = jax.jit(lambda theta: algorithm.meta_loss(theta, pre, post, state.kl_coeffs)[1]["kls"])
+    np.testing.assert_allclose(np.asarray(metrics["kl"]), np.asarray(kls_at(new_state.params)),
+                               rtol=1e-4)
+    # θ after the first of the two Adam steps, where the last step evaluated its KLs
+    grads = jax.grad(lambda t: algorithm.meta_loss(t, pre, post, state.kl_coeffs)[0])(
+        state.params)
+    updates, _ = algorithm.optimizer.update(grads, state.opt_state, state.params)
+    before_last = optax.apply_updates(state.params, updates)
+    assert not np.allclose(np.asarray(kls_at(before_last)), np.asarray(metrics["kl"]),
+                           rtol=1e-2)

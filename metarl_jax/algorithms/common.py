@@ -29,7 +29,9 @@ class MetaLearner:
 
     @property
     def env_steps_per_iteration(self) -> int:
-        """M·N·H per sampling phase, K inner phases plus the post-update one."""
+        """M·N·H per sampling phase, K inner phases plus the post-update one: every
+        step of every lane is a real transition (`metarl_jax.rollout`), except for
+        tasks whose lanes idle after the end, where this is the budget."""
         c = self.config
         return c.meta_batch_size * c.episodes_per_task * c.horizon * (c.inner_steps + 1)
 
@@ -39,7 +41,7 @@ def broadcast_to_tasks(params, num_tasks: int):
 
 
 def standard_advantages(batch: Trajectories, config: SamplingConfig) -> Trajectories:
-    """ALGORITHMS.md §0: per-task linear baseline, GAE(γ, λ), per-task normalisation."""
+    """Per-task linear baseline, GAE(γ, λ), per-task normalisation."""
     return process_phase(batch, config.discount, config.gae_lambda,
                          config.normalize_advantages)
 
@@ -90,10 +92,14 @@ def sample_adaptation_phases(env: TaskEnv, policy: GaussianPolicy, config: Sampl
 
 
 def phase_returns(pre_batches: Trajectories, post_batch: Trajectories) -> dict:
-    """Mean undiscounted episode return of every phase: pre (θ), after each step, post."""
-    phase_means = jnp.mean(pre_batches.episode_returns(), axis=(0, 2))  # [K]
+    """Mean undiscounted episode return of every phase, pre (θ), after each step and
+    post, over the episodes each phase counts (`Trajectories.mean_episode_return`), and
+    how many episodes that was for θ's phase and the post-update one."""
+    phase_means = pre_batches.mean_episode_return(axis=(0, 2))  # [K]
     metrics = {"pre_return": phase_means[0],
-               "post_return": jnp.mean(post_batch.episode_returns())}
+               "post_return": post_batch.mean_episode_return(),
+               "pre_episodes": pre_batches.episode_count(axis=(0, 2))[0],
+               "post_episodes": post_batch.episode_count()}
     for k in range(1, phase_means.shape[0]):
         metrics[f"return_after_step_{k}"] = phase_means[k]
     return metrics
@@ -114,6 +120,6 @@ def adaptation_returns(env: TaskEnv, policy: GaussianPolicy, config: SamplingCon
     pre_batches, post_batch = sample_adaptation_phases(env, policy, config, params, tasks,
                                                        sample_key, inner_loss, process,
                                                        inner_lr=inner_lr)
-    before_last = jnp.mean(pre_batches.episode_returns(), axis=-1)  # [M, K]
-    last = jnp.mean(post_batch.episode_returns(), axis=-1)[:, None]
+    before_last = pre_batches.mean_episode_return(axis=-1)  # [M, K]
+    last = post_batch.mean_episode_return(axis=-1)[:, None]
     return jnp.concatenate([before_last, last], axis=1)

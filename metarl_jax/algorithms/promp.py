@@ -108,11 +108,14 @@ class ProMP(MetaLearner):
             theta = optax.apply_updates(theta, updates)
             losses.append(loss)
 
-        # 3. KL coefficients from the KLs of the last outer step (`aux`, as the reference
-        # code does).
+        # 3. The adaptive rule reads the inner KLs at the final θ, recomputed after the
+        # last Adam step as the reference does (its `compute_stats`); the fixed
+        # coefficients need no extra pass, and `kl` then reports the last step's KLs.
         last_kls = aux["kls"]
-        kl_coeffs = (adapt_kl_coeffs(state.kl_coeffs, last_kls, c.kl_target)
-                     if c.adaptive_kl else state.kl_coeffs)
+        kl_coeffs = state.kl_coeffs
+        if c.adaptive_kl:
+            last_kls = self.meta_loss(theta, pre_batches, post_batch, state.kl_coeffs)[1]["kls"]
+            kl_coeffs = adapt_kl_coeffs(state.kl_coeffs, last_kls, c.kl_target)
 
         metrics = phase_returns(pre_batches, post_batch)
         metrics.update(

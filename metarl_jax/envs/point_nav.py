@@ -3,7 +3,8 @@
 The agent starts at the origin; its observation is its position; the action moves it by
 `clip(a, -0.1, 0.1)` per coordinate; the reward is minus the Euclidean distance from the
 *new* position to the goal. The episode ends when both coordinates are within 0.01 of the
-goal. Goals are drawn uniformly from [-0.5, 0.5]².
+goal. Goals are drawn uniformly from [-0.5, 0.5]². As in pytorch-maml-rl's batch
+episodes, a lane whose episode reached the goal stays idle (masked) to the horizon.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ class PointNav(TaskEnv):
     observation_size = 2
     action_size = 2
     horizon = 100
+    episode_end = "idle"
     task_distribution = "goal ~ U[-0.5, 0.5]^2; reward -||s' - g||; start (0, 0)"
 
     def __init__(self, goal_low: float = -0.5, goal_high: float = 0.5, max_step: float = 0.1,
@@ -28,6 +30,9 @@ class PointNav(TaskEnv):
         self.max_step = max_step
         self.success_radius = success_radius
         self.horizon = horizon
+
+    def raw_action_bound(self):
+        return self.max_step
 
     def sample_tasks(self, key, num_tasks):
         goals = jax.random.uniform(key, (num_tasks, 2), minval=self.goal_low,
