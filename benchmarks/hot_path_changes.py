@@ -1,4 +1,4 @@
-"""Each hot-path change of issue 8 against the form it replaced, timed side by side.
+"""Each hot-path change of the CPU speed work against the form it replaced, timed side by side.
 
     python benchmarks/hot_path_changes.py                 # all changes, 6 rounds
     python benchmarks/hot_path_changes.py --changes fvp --rounds 10

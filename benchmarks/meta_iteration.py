@@ -159,7 +159,7 @@ def _forward_flops(policy, samples: int) -> float:
 
 def model_flops_per_iteration(policy, config, algo: str, algorithm) -> float:
     """Floating-point operations of one meta-iteration's network work, by the rule of
-    thumb of issue 8: sampling is one forward pass per step; a second-order outer step
+    thumb: sampling is one forward pass per step; a second-order outer step
     costs about ten forward passes over the pre-update data plus three over the
     post-update data, a first-order one (or an inner step alone) about three over each.
     The P (ProMP), line-search and CG (TRPO) multiples are the algorithm's own."""

@@ -1,4 +1,4 @@
-"""The issue's acceptance run: ProMP on point-nav with the default experiment, three seeds.
+"""ProMP on point-nav with the default experiment reaches its target on three seeds.
 
 About three minutes on two CPU cores, so it runs in `make test-slow`, not `make test`.
 """
