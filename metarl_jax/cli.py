@@ -6,6 +6,7 @@ import os
 import sys
 
 import click
+import yaml
 
 from metarl_jax.config import ConfigError, load_yaml, merge, parse_overrides
 
@@ -37,14 +38,22 @@ def main():
               help="Continue the run in this directory from its last checkpoint.")
 @click.option("--force", is_flag=True, help="Overwrite a run already in --out.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--print-config", is_flag=True, help="Print the resolved configuration as YAML "
+              "(every key, defaults filled in) and exit without training.")
 @click.option("--coordinator", help="host:port of process 0, to train as one of several "
               "processes (or METARL_COORDINATOR).")
 @click.option("--num-processes", type=int, help="Processes in the run (METARL_NUM_PROCESSES).")
 @click.option("--process-id", type=int, help="This process's rank (METARL_PROCESS_ID).")
 def train(algo, env_name, config_path, overrides, iterations, seed, devices, cpu_devices,
-          out_dir, resume_dir, force, quiet, coordinator, num_processes, process_id):
+          out_dir, resume_dir, force, quiet, print_config, coordinator, num_processes,
+          process_id):
     """Train a meta-policy; writes OUT/config.yaml, OUT/metrics.jsonl, checkpoints and
-    TensorBoard events."""
+    TensorBoard events.
+
+    Keys not given take, lowest first: the algorithm's defaults, the task's published
+    setting, and, when neither --algo nor --env (nor the file) names one, the built-in
+    experiment (ProMP on point-nav, 100 iterations); then the --config file, the flags
+    and --set."""
     from metarl_jax import distributed, trainer
 
     if cpu_devices is not None:
@@ -70,13 +79,19 @@ def train(algo, env_name, config_path, overrides, iterations, seed, devices, cpu
                 config = trainer.resolve_config({**config.to_dict(), "iterations": iterations})
             out_dir = resume_dir
         else:
-            raw = load_yaml(config_path) if config_path else dict(trainer.DEFAULT_EXPERIMENT)
+            # The task's published setting and the built-in experiment are filled in by
+            # resolve_config, below the file, the flags and --set.
+            raw = load_yaml(config_path) if config_path else {}
             flags = {"algo": algo, "iterations": iterations, "seed": seed, "devices": devices}
             raw = merge(raw, {k: v for k, v in flags.items() if v is not None})
             if env_name is not None:
                 raw = merge(raw, {"env": {"name": env_name}})
             raw = merge(raw, parse_overrides(overrides))
             config = trainer.resolve_config(raw)
+        if print_config:
+            click.echo(yaml.safe_dump(config.to_dict(), sort_keys=False), nl=False)
+            return
+        if resume_dir is None:
             if out_dir is None:
                 out_dir = os.path.join("runs", f"{config.run.algo}_{config.run.env.name}"
                                                f"_seed{config.run.seed}")

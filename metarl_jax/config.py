@@ -1,6 +1,7 @@
 """Configuration: frozen dataclasses, YAML files, `--set key=value` overrides, validation.
 
-A run's configuration is flat, with the spec's names, plus an `env` section:
+A run's configuration is flat, with the names of the papers' hyperparameters, plus an
+`env` section:
 
     algo: promp
     seed: 0
@@ -12,7 +13,8 @@ A run's configuration is flat, with the spec's names, plus an `env` section:
 
 Every value is checked (known key, type, range) before anything is built or compiled,
 and a mistake raises `ConfigError` whose one-line message names the field and what is
-allowed.
+allowed. The defaults a run gets from its task (the published settings) and the
+built-in experiment are filled in by `metarl_jax.trainer.resolve_config`.
 """
 
 from __future__ import annotations

@@ -29,8 +29,8 @@ def likelihood_ratio_loss(policy: GaussianPolicy, params, batch: Trajectories) -
 
         L(φ) = − mean_{(s,a)} [ exp(log π_φ(a|s) − logp_old(a|s)) · Â ]
 
-    As an inner loss it is ProMP's low-variance-curvature (LVC) loss, ALGORITHMS.md §1;
-    on post-update samples it is TRPO's surrogate −mean(r' Â') (§2).
+    As an inner loss it is ProMP's low-variance-curvature (LVC) loss; on post-update
+    samples it is the MAML-TRPO surrogate −mean(r' Â').
 
     `logp_old` is the stored log-likelihood of the sampling policy, not
     sg(log π_φ): at φ = sampling policy the ratio is 1 and the gradient is the plain
@@ -63,7 +63,7 @@ def lvc_inner_loss_with_kl(policy: GaussianPolicy, params,
 
 
 def log_likelihood_loss(policy: GaussianPolicy, params, batch: Trajectories) -> jax.Array:
-    """MAML's policy-gradient ("log-likelihood") loss, ALGORITHMS.md §2:
+    """MAML's policy-gradient ("log-likelihood") loss:
 
         L(φ) = − mean_{(s,a)} log π_φ(a|s) · Â
 
@@ -80,23 +80,29 @@ def magic_box(x: jax.Array) -> jax.Array:
 
 
 def dice_loss(policy: GaussianPolicy, params, batch: Trajectories) -> jax.Array:
-    """DiCE (Foerster et al. 2018) objective, negated, ALGORITHMS.md §2:
+    """DiCE (Foerster et al. 2018) objective, negated:
 
         L(φ) = − mean_{(n,t)} MB(τ_{n,t}) · (γ^t r_{n,t} − b_{n,t}),
-        τ_{n,t} = Σ_{t' ≤ t} log π_φ(a_{n,t'} | s_{n,t'})
+        τ_{n,t} = Σ_{t' ≤ t, t' in the episode of t} log π_φ(a_{n,t'} | s_{n,t'})
 
     with `batch.advantages` holding the adjusted rewards γ^t r_t − b_t
     (`metarl_jax.advantages.dice_adjusted_rewards`). Any order of derivative of its
-    expectation is the derivative of the expected return.
+    expectation is the derivative of the expected return. τ restarts with every
+    episode of a lane (its first step is `timesteps` steps back).
     """
     log_probs = policy.log_prob(params, batch.observations, batch.actions) * batch.masks
     cumulative = jnp.cumsum(log_probs, axis=-1)
+    # Minus the lane's cumulative sum before the episode's first step.
+    episode_start = (jnp.arange(log_probs.shape[-1]) - batch.timesteps).astype(jnp.int32)
+    before = jnp.concatenate([jnp.zeros_like(cumulative[..., :1]), cumulative], axis=-1)
+    cumulative = cumulative - jnp.take_along_axis(before, episode_start, axis=-1)
     return -masked_mean(magic_box(cumulative) * batch.advantages, batch.masks)
 
 
 def promp_clipped_objective(policy: GaussianPolicy, params, batch: Trajectories,
                             clip_eps: float) -> tuple[jax.Array, jax.Array]:
-    """PPO's clipped surrogate on post-update samples (ALGORITHMS.md §1, to be *maximised*):
+    """PPO's clipped surrogate on post-update samples (ProMP's outer objective, to be
+    *maximised*):
 
         mean_{(s',a')} min(r Â', clip(r, 1 − ε, 1 + ε) Â'),
         r = exp(log π_φK(a'|s') − logp_old'(a'|s')).
@@ -142,7 +148,7 @@ def inner_update(inner_loss, policy: GaussianPolicy, params, batch: Trajectories
 
 
 def importance_weighted_pg_loss(policy: GaussianPolicy, params, batch: Trajectories) -> jax.Array:
-    """GMPS's inner loss (Mendonca et al. 2019), ALGORITHMS.md §4:
+    """GMPS's inner loss (Mendonca et al. 2019):
 
         L_in(θ) = − mean_{(s,a)} log π_θ(a|s) · sg(π_θ(a|s) / π_θinit(a|s)) · Â
 
@@ -157,7 +163,7 @@ def importance_weighted_pg_loss(policy: GaussianPolicy, params, batch: Trajector
 
 def imitation_loss(policy: GaussianPolicy, params, observations: jax.Array,
                    expert_actions: jax.Array, weights: jax.Array, kind: str = "mse"):
-    """GMPS's outer (imitation) loss on expert data, ALGORITHMS.md §4:
+    """GMPS's outer (imitation) loss on expert data:
 
         mse: mean_{(s,a*)} ‖μ_θ'(s) − a*‖²        (the reference code's)
         nll: − mean_{(s,a*)} log π_θ'(a*|s)       (the paper's)
@@ -175,7 +181,7 @@ def imitation_loss(policy: GaussianPolicy, params, observations: jax.Array,
 def promp_outer_loss(policy: GaussianPolicy, theta, pre_batches: Trajectories,
                      post_batch: Trajectories, kl_coeffs: jax.Array, inner_lr: float,
                      clip_eps: float):
-    """ProMP's outer loss for ONE task (ALGORITHMS.md §1), minimised over θ:
+    """ProMP's outer loss for ONE task, minimised over θ:
 
         − mean( min(r Â', clip(r, 1−ε, 1+ε) Â') ) + mean_k c_k · KL_k(θ)
         KL_k = mean_s KL(π_old_k(·|s) ‖ π_{φ_k(θ)}(·|s)),   φ_0 = θ,
@@ -202,3 +208,90 @@ def promp_outer_loss(policy: GaussianPolicy, theta, pre_batches: Trajectories,
     surrogate, clip_fraction = promp_clipped_objective(policy, adapted, post_batch, clip_eps)
     loss = -surrogate + jnp.mean(kl_coeffs * kls)
     return loss, {"surrogate": surrogate, "kls": kls, "clip_fraction": clip_fraction}
+
+
+# --- per-episode averages, the KL in either direction (options of the TRPO variants) ----
+#
+# The losses above average over every real step of a task's batch, as ProMP's code does.
+# pytorch-maml-rl averages each episode over its own length first, then over the
+# episodes (its `weighted_mean`), in the inner loss, the outer surrogate and the KL: a
+# short episode (a goal reached early) weighs as much as a long one.
+
+
+def episode_weights(masks: jax.Array, dones: jax.Array) -> jax.Array:
+    """Step weights [..., H] for a per-episode average: w_t = m_t / L(t), L(t) the number
+    of real steps of t's episode.
+
+    An episode ends with a step where `dones` is 1 (the next step of the lane, if real,
+    starts the next one) or with the lane's last step (cut there). Σ_t w_t v_t is then
+    the sum over episodes of each episode's mean of v, and Σ_t w_t the episode count.
+    """
+    horizon = masks.shape[-1]
+    axis = masks.ndim - 1
+    steps = jnp.arange(horizon)
+    ended_before = jnp.concatenate([jnp.zeros_like(dones[..., :1]), dones[..., :-1]], axis=-1)
+    first = jax.lax.cummax(jnp.where(ended_before > 0, steps, 0), axis=axis)
+    last = jax.lax.cummin(jnp.where(dones > 0, steps, horizon - 1), axis=axis, reverse=True)
+    real_up_to = jnp.cumsum(masks, axis=-1)  # real steps in [0, t]
+    real_before = jnp.concatenate([jnp.zeros_like(masks[..., :1]), real_up_to], axis=-1)
+    lengths = (jnp.take_along_axis(real_up_to, last, axis=-1)
+               - jnp.take_along_axis(real_before, first, axis=-1))
+    return masks / jnp.maximum(lengths, 1.0)
+
+
+def episode_mean(values: jax.Array, masks: jax.Array, dones: jax.Array) -> jax.Array:
+    """Mean over the batch's episodes of each episode's mean of `values` over its real
+    steps (`episode_weights`)."""
+    weights = episode_weights(masks, dones)
+    episodes = jnp.sum(weights)
+    return jnp.sum(values * weights) / jnp.where(episodes > 0, episodes, 1.0)
+
+
+def log_likelihood_loss_per_episode(policy: GaussianPolicy, params,
+                                    batch: Trajectories) -> jax.Array:
+    """`log_likelihood_loss` averaged per episode (`episode_mean`):
+
+        L(φ) = − mean_episodes [ mean_{t in the episode} log π_φ(a_t|s_t) · Â_t ]
+    """
+    log_probs = policy.log_prob(params, batch.observations, batch.actions)
+    return -episode_mean(log_probs * batch.advantages, batch.masks, batch.dones)
+
+
+def likelihood_ratio_loss_per_episode(policy: GaussianPolicy, params,
+                                      batch: Trajectories) -> jax.Array:
+    """`likelihood_ratio_loss` averaged per episode (`episode_mean`):
+
+        L(φ) = − mean_episodes [ mean_{t in the episode} r_t · Â_t ],
+        r_t = exp(log π_φ(a_t|s_t) − logp_old(a_t|s_t))
+    """
+    ratio = likelihood_ratio(policy, params, batch)
+    return -episode_mean(ratio * batch.advantages, batch.masks, batch.dones)
+
+
+KL_DIRECTIONS = ("old_new", "new_old")
+AVERAGES = ("steps", "episodes")
+
+
+def kl_to_sampler(policy: GaussianPolicy, params, batch: Trajectories,
+                  direction: str = "old_new", average: str = "steps") -> jax.Array:
+    """The mean KL between the sampling policy π_old (the batch's stored `means`,
+    `log_stds`) and π_params over the batch's states, closed form:
+
+        direction "old_new": KL(π_old(·|s) ‖ π_params(·|s))   (ProMP's code; as
+                             `mean_kl_from_sampler`)
+        direction "new_old": KL(π_params(·|s) ‖ π_old(·|s))   (pytorch-maml-rl's)
+
+    averaged over every real step (`average` "steps") or per episode ("episodes",
+    `episode_mean`). Both directions vanish at π_params = π_old with the same Hessian
+    there (the Fisher information), so they differ only away from it.
+    """
+    if direction not in KL_DIRECTIONS or average not in AVERAGES:
+        raise ValueError(f"kl_to_sampler: direction {direction!r}, average {average!r}")
+    mean, log_std = policy.distribution(params, batch.observations)
+    if direction == "old_new":
+        kl = gaussian_kl(batch.means, batch.log_stds, mean, log_std)
+    else:
+        kl = gaussian_kl(mean, log_std, batch.means, batch.log_stds)
+    if average == "steps":
+        return masked_mean(kl, batch.masks)
+    return episode_mean(kl, batch.masks, batch.dones)

@@ -11,8 +11,10 @@ import yaml
 from click.testing import CliRunner
 
 from metarl_jax import trainer
+from metarl_jax.algorithms import ALGORITHMS
 from metarl_jax.cli import EXIT_CONFIG_ERROR, main
 from metarl_jax.config import load_yaml
+from metarl_jax.envs import ENVIRONMENTS
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -30,6 +32,9 @@ def test_default_experiment_file_matches_embedded_default():
     with open(REPO / "experiments" / "promp_point_nav.yaml") as f:
         from_file = trainer.resolve_config(yaml.safe_load(f))
     assert from_file == trainer.resolve_config(trainer.DEFAULT_EXPERIMENT)
+    assert from_file == trainer.resolve_config({})  # what `metarl train` alone runs
+    assert (from_file.run.algo, from_file.run.env.name, from_file.run.iterations) == (
+        "promp", "point-nav", 100)
     assert from_file.algorithm.meta_batch_size == 20
     assert from_file.algorithm.episodes_per_task == 20
     assert from_file.algorithm.horizon == 100
@@ -86,6 +91,13 @@ def test_one_iteration_of_a_brax_task(tmp_path, env_name):
     (["--set", "keep_checkpoints=two"], "keep_checkpoints: expected int, got 'two'"),
     (["--set", "env={name: point-nav, speed: 3}"], "unknown key 'env.speed'"),
     (["--iterations", "0"], "iterations: 0 not allowed; expected >= 1"),
+    (["--set", "env=point-nav"], "env: expected a mapping, got 'point-nav'"),
+    (["--algo", "maml-trpo", "--set", "averaging=mean"],
+     "averaging: 'mean' not allowed; expected one of steps, episodes"),
+    (["--algo", "lvc-trpo", "--set", "kl_direction=both"],
+     "kl_direction: 'both' not allowed; expected one of old_new, new_old"),
+    (["--set", "kl_direction=new_old"], "kl_direction: an option of emaml-trpo, lvc-trpo, "
+                                        "maml-trpo, not of algo promp"),
 ])
 def test_configuration_errors_fail_fast_with_one_line(tmp_path, args, message):
     start = time.perf_counter()
@@ -156,19 +168,137 @@ def test_envs_lists_every_environment():
     assert "1.5^U(-3,3)" in result.output
 
 
-# The ProMP paper's per-setting values (ALGORITHMS.md §1 table) that differ by setting.
-PAPER_SETTINGS = {
-    "promp_halfcheetah_fwdback.yaml": ("halfcheetah-dir", 100, 1, 0.1, 5, False),
-    "promp_ant_fwdback.yaml": ("ant-dir", 100, 1, 0.1, 5, False),
-    "promp_ant_rand_dir.yaml": ("ant-dir2d", 100, 1, 0.1, 5, False),
-    "promp_ant_rand_goal.yaml": ("ant-goal", 200, 2, 0.1, 5, False),
-    "promp_walker_fwdback.yaml": ("walker-dir", 200, 1, 0.1, 5, False),
-    "promp_walker_rand_vel.yaml": ("walker-vel", 200, 1, 0.1, 5, False),
-    "promp_hopper_rand_params.yaml": ("hopper-params", 200, 1, 0.05, 3, True),
-    "promp_walker_rand_params.yaml": ("walker-params", 200, 1, 0.05, 3, True),
-    "promp_humanoid_fwdback.yaml": ("humanoid-dir", 200, 1, 0.1, 5, False),
-    "promp_humanoid_rand_dir.yaml": ("humanoid-dir2d", 200, 1, 0.1, 5, False),
+# The published settings, written out from the papers' tables: per task (H, M, N, K, α,
+# policy) for ProMP and its MAML-family baselines, and ProMP's own (P, adaptive KL, c₀).
+SETTING_OF = {
+    "point-nav": (100, 20, 20, 1, 0.1, (64, 64)),
+    "halfcheetah-dir": (100, 40, 20, 1, 0.1, (64, 64)),
+    "halfcheetah-vel": (100, 40, 20, 1, 0.1, (64, 64)),
+    "ant-dir": (100, 40, 20, 1, 0.1, (64, 64)),
+    "ant-dir2d": (100, 40, 20, 1, 0.1, (64, 64)),
+    "ant-goal": (200, 40, 20, 2, 0.1, (64, 64)),
+    "ant-goal-ring": (200, 40, 20, 1, 0.1, (64, 64)),
+    "ant-goal-ring-sparse": (200, 40, 20, 1, 0.1, (64, 64)),
+    "walker-dir": (200, 40, 20, 1, 0.1, (64, 64)),
+    "walker-vel": (200, 40, 20, 1, 0.1, (64, 64)),
+    "hopper-params": (200, 40, 20, 1, 0.05, (64, 64)),
+    "walker-params": (200, 40, 20, 1, 0.05, (64, 64)),
+    "humanoid-dir": (200, 40, 20, 1, 0.1, (128, 128)),
+    "humanoid-dir2d": (200, 40, 20, 1, 0.1, (128, 128)),
 }
+PARAMS_TASKS = ("hopper-params", "walker-params")
+# GMPS's reference setting on the ant ring (40 tasks, 50 episodes, H = 200, 2 × 100
+# ReLU), and on point-nav the task's (M = 20).
+GMPS_SETTING_OF = {
+    "ant-goal-ring": (200, 40, 50, 1, 0.1, (100, 100), "relu"),
+    "ant-goal-ring-sparse": (200, 40, 50, 1, 0.1, (100, 100), "relu"),
+    "point-nav": (100, 20, 20, 1, 0.1, (64, 64), "tanh"),
+}
+
+
+def sampling_setting(config):
+    c = config.algorithm
+    return (c.horizon, c.meta_batch_size, c.episodes_per_task, c.inner_steps, c.inner_lr,
+            tuple(c.hidden_sizes))
+
+
+@pytest.mark.parametrize("env_name", sorted(SETTING_OF))
+@pytest.mark.parametrize("algo", ["promp", "maml-trpo", "maml-vpg", "dice-vpg"])
+def test_published_setting_of_every_task(algo, env_name):
+    config = trainer.resolve_config({"algo": algo, "env": {"name": env_name}})
+    assert sampling_setting(config) == SETTING_OF[env_name]
+    assert (config.run.iterations, config.algorithm.activation) == (1001, "tanh")
+    assert config.algorithm.discount == 0.99 and config.algorithm.gae_lambda == 1.0
+    c = config.algorithm
+    if algo == "promp":
+        adaptive = env_name in PARAMS_TASKS
+        assert (c.promp_steps, c.clip_eps, c.outer_lr) == (3 if adaptive else 5, 0.3, 1e-3)
+        assert (c.adaptive_kl, c.kl_coeff, c.kl_target) == (
+            adaptive, 1e-3 if adaptive else 5e-4, 0.01)
+    elif algo == "maml-trpo":
+        assert (c.max_kl, c.cg_iterations, c.cg_damping, c.backtrack_ratio,
+                c.max_backtracks, c.first_order) == (0.01, 10, 1e-5, 0.8, 15, False)
+        assert (c.averaging, c.kl_direction) == ("steps", "old_new")
+    else:
+        assert (c.outer_lr, c.first_order) == (1e-3, False)
+
+
+@pytest.mark.parametrize("env_name", sorted(GMPS_SETTING_OF))
+def test_published_setting_of_gmps(env_name):
+    config = trainer.resolve_config({"algo": "gmps", "env": {"name": env_name}})
+    assert (*sampling_setting(config), config.algorithm.activation) == GMPS_SETTING_OF[env_name]
+    assert (config.algorithm.gmps.num_train_tasks, config.algorithm.gmps.imitation_steps) == (
+        40, 500)
+
+
+@pytest.mark.parametrize("env_name, horizon, meta_batch_size", [
+    ("point-nav", 100, 20), ("halfcheetah-vel", 100, 40), ("humanoid-dir", 200, 40)])
+def test_memrl_takes_the_task_setting_and_keeps_its_own_inner_steps(env_name, horizon,
+                                                                      meta_batch_size):
+    c = trainer.resolve_config({"algo": "memrl", "env": {"name": env_name}}).algorithm
+    assert (c.horizon, c.meta_batch_size, c.inner_steps, c.proximal_lambda) == (
+        horizon, meta_batch_size, 5, 2.0)
+    assert tuple(c.hidden_sizes) == ((128, 128) if env_name == "humanoid-dir" else (64, 64))
+
+
+def test_every_task_has_a_published_setting_that_every_algorithm_accepts():
+    assert set(trainer.PUBLISHED_SETTINGS) == set(ENVIRONMENTS)
+    for env_name in ENVIRONMENTS:
+        for algo in ALGORITHMS:
+            trainer.resolve_config({"algo": algo, "env": {"name": env_name}})
+
+
+def print_config(*args):
+    result = CliRunner().invoke(main, ["train", *args, "--print-config"])
+    assert result.exit_code == 0, result.output
+    return yaml.safe_load(result.output)
+
+
+@pytest.mark.parametrize("env_name", sorted(SETTING_OF))
+def test_algo_and_env_flags_alone_get_the_published_setting(env_name):
+    printed = print_config("--algo", "promp", "--env", env_name)
+    assert (printed["algo"], printed["env"]["name"], printed["iterations"]) == (
+        "promp", env_name, 1001)
+    assert (printed["horizon"], printed["meta_batch_size"], printed["episodes_per_task"],
+            printed["inner_steps"], printed["inner_lr"], tuple(printed["hidden_sizes"])
+            ) == SETTING_OF[env_name]
+    assert printed["promp_steps"] == (3 if env_name in PARAMS_TASKS else 5)
+    assert printed["adaptive_kl"] is (env_name in PARAMS_TASKS)
+    trpo = print_config("--algo", "maml-trpo", "--env", env_name)
+    assert (trpo["horizon"], trpo["meta_batch_size"], trpo["inner_steps"],
+            trpo["inner_lr"]) == tuple(SETTING_OF[env_name][i] for i in (0, 1, 3, 4))
+
+
+def test_with_neither_algo_nor_env_the_built_in_experiment_runs():
+    built_in = print_config()
+    assert (built_in["algo"], built_in["env"]["name"], built_in["iterations"]) == (
+        "promp", "point-nav", 100)
+    assert (built_in["meta_batch_size"], built_in["episodes_per_task"],
+            built_in["horizon"]) == (20, 20, 100)
+    assert print_config("--seed", "3", "--set", "inner_lr=0.05")["iterations"] == 100
+    # Naming either one asks for that task's published setting, 1001 iterations.
+    for args in (["--env", "point-nav"], ["--algo", "promp"], ["--algo", "maml-trpo"]):
+        named = print_config(*args)
+        assert (named["env"]["name"], named["iterations"], named["meta_batch_size"],
+                named["horizon"]) == ("point-nav", 1001, 20, 100)
+
+
+def test_config_file_below_flags_below_set_above_the_task_setting(tmp_path):
+    path = tmp_path / "ant_goal.yaml"
+    path.write_text("algo: promp\nenv:\n  name: ant-goal\nmeta_batch_size: 10\n")
+    from_file = print_config("--config", str(path))
+    # The file names the task but not its horizon or K: the task's setting fills them.
+    assert (from_file["horizon"], from_file["inner_steps"], from_file["meta_batch_size"],
+            from_file["iterations"]) == (200, 2, 10, 1001)
+    flagged = print_config("--config", str(path), "--iterations", "7", "--set", "inner_steps=3",
+                           "--set", "meta_batch_size=8", "--env", "hopper-params")
+    assert (flagged["env"]["name"], flagged["iterations"], flagged["inner_steps"],
+            flagged["meta_batch_size"], flagged["inner_lr"], flagged["adaptive_kl"]) == (
+        "hopper-params", 7, 3, 8, 0.05, True)
+    # A config file without algo or env is the built-in experiment's point-nav run.
+    path.write_text("inner_lr: 0.05\n")
+    assert (print_config("--config", str(path))["iterations"],
+            print_config("--config", str(path))["inner_lr"]) == (100, 0.05)
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "experiments").glob("*.yaml")),
@@ -177,17 +307,22 @@ def test_every_experiment_config_resolves_and_builds(path):
     config = trainer.resolve_config(load_yaml(str(path)))
     env, policy, algorithm = trainer.build(config)
     assert env.name == config.run.env.name
-    if path.name not in PAPER_SETTINGS:
-        return
-    name, horizon, inner_steps, inner_lr, promp_steps, adaptive = PAPER_SETTINGS[path.name]
-    c = config.algorithm
-    assert (config.run.algo, env.name, env.horizon) == ("promp", name, horizon)
-    assert (c.meta_batch_size, c.episodes_per_task, config.run.iterations) == (40, 20, 1001)
-    assert (c.inner_steps, c.inner_lr, c.promp_steps, c.clip_eps) == (
-        inner_steps, inner_lr, promp_steps, 0.3)
-    assert c.adaptive_kl is adaptive
-    assert c.kl_coeff == (1e-3 if adaptive else 5e-4) and c.kl_target == 0.01
-    assert policy.hidden_sizes == ((128, 128) if name.startswith("humanoid") else (64, 64))
+
+
+@pytest.mark.parametrize("path", sorted(p for p in (REPO / "experiments").glob("*.yaml")
+                                        if not p.name.startswith("gmps_")),
+                         ids=lambda p: p.name)
+def test_experiment_files_set_only_what_differs_from_the_defaults(path):
+    raw = load_yaml(str(path))
+    named = {"algo": raw["algo"], "env": {"name": raw["env"]["name"]}}
+    defaults = trainer.resolve_config(named).to_dict()
+    restated = [key for key, value in raw.items()
+                if key not in ("algo", "env") and defaults[key] == value]
+    restated += [f"env.{key}" for key, value in raw["env"].items()
+                 if key != "name" and defaults["env"][key] == value]
+    assert not restated, f"{path.name} restates defaults: {restated}"
+    if path.name.startswith("promp_") and path.name != "promp_point_nav.yaml":
+        assert raw == named  # a published setting: the task's defaults, nothing else
 
 
 def test_gmps_ring_configs_use_the_forty_ring_goals():

@@ -1,4 +1,4 @@
-"""The MAML family of the ProMP paper's baselines, ALGORITHMS.md §2.
+"""The MAML family: the baselines of the ProMP paper.
 
 | algo        | inner loss          | outer loss on post-update samples         | optimiser |
 |-------------|---------------------|-------------------------------------------|-----------|
@@ -10,8 +10,9 @@
 | lvc-vpg     | LVC (ratio)         | as maml-vpg                               | Adam, 1   |
 | dice-vpg    | DiCE                | DiCE                                      | Adam, 1   |
 
-Every variant takes `first_order: true` (the inner gradient treated as a constant).
-Sampling, advantages and the inner steps are those of ProMP (`common.py`); only the
+Every variant takes `first_order: true` (the inner gradient treated as a constant). The
+TRPO variants also take `averaging` and `kl_direction` (`MAMLTRPOConfig`). Sampling,
+advantages and the inner steps are those of ProMP (`common.py`); only the
 losses and the outer optimiser differ. Read `MAMLFamily.meta_iteration` top to bottom.
 """
 
@@ -29,10 +30,12 @@ from metarl_jax.advantages import dice_adjusted_rewards
 from metarl_jax.algorithms.common import (MetaLearner, adaptation_returns,
                                           broadcast_to_tasks, phase_returns,
                                           sample_adaptation_phases, standard_advantages)
-from metarl_jax.config import SamplingConfig, at_least, check, field, positive
+from metarl_jax.config import SamplingConfig, at_least, check, field, one_of, positive
 from metarl_jax.envs.base import TaskEnv
-from metarl_jax.losses import (dice_loss, inner_update, likelihood_ratio_loss,
-                               log_likelihood_loss, masked_mean, mean_kl_from_sampler)
+from metarl_jax.losses import (AVERAGES, KL_DIRECTIONS, dice_loss, episode_weights,
+                               inner_update, kl_to_sampler, likelihood_ratio_loss,
+                               likelihood_ratio_loss_per_episode, log_likelihood_loss,
+                               log_likelihood_loss_per_episode, masked_mean)
 from metarl_jax.optim import gaussian_fisher_diagonal, trpo_step
 from metarl_jax.policies import GaussianPolicy
 from metarl_jax.rollout import Trajectories
@@ -54,7 +57,19 @@ class DiCEConfig(MAMLVPGConfig):
 
 @dataclasses.dataclass(frozen=True)
 class MAMLTRPOConfig(SamplingConfig):
-    """TRPO outer step (ALGORITHMS.md §2): KL-constrained natural-gradient step."""
+    """TRPO outer step: a natural-gradient step on the outer surrogate, with the mean KL
+    between the sampling and the new post-update policies kept within `max_kl`.
+
+    Two choices where the public implementations differ, ProMP's code the default:
+
+    - `averaging`: how the inner loss, the outer surrogate and the KL average over a
+      task's batch. "steps": over every real step (ProMP's code). "episodes": each
+      episode over its own steps, then over the episodes (pytorch-maml-rl's
+      `weighted_mean`), so an episode that ended early weighs as much as a long one.
+    - `kl_direction`: the KL of the constraint. "old_new": KL(π_old ‖ π_new) (ProMP's
+      code). "new_old": KL(π_new ‖ π_old) (pytorch-maml-rl's). Both have the same
+      Hessian at θ_old, so only the line search's acceptance differs.
+    """
 
     max_kl: float = field(0.01, **positive())
     cg_iterations: int = field(10, **at_least(1))
@@ -62,6 +77,8 @@ class MAMLTRPOConfig(SamplingConfig):
     backtrack_ratio: float = field(0.8, **check(lambda v: 0 < v < 1, "in (0, 1)"))
     max_backtracks: int = field(15, **at_least(1))
     first_order: bool = False
+    averaging: str = field("steps", **one_of(*AVERAGES))
+    kl_direction: str = field("old_new", **one_of(*KL_DIRECTIONS))
 
 
 @flax.struct.dataclass
@@ -74,23 +91,37 @@ class MAMLState:
 
 INNER_LOSSES = {"ll": log_likelihood_loss, "lvc": likelihood_ratio_loss, "dice": dice_loss}
 OUTER_LOSSES = {"ll": log_likelihood_loss, "ratio": likelihood_ratio_loss, "dice": dice_loss}
+# The TRPO variants' losses with `averaging: episodes`.
+PER_EPISODE_LOSSES = {"ll": log_likelihood_loss_per_episode,
+                      "lvc": likelihood_ratio_loss_per_episode,
+                      "ratio": likelihood_ratio_loss_per_episode}
 
 
-def emaml_exploration_term(policy: GaussianPolicy, adapted_per_step, pre_batches: Trajectories,
-                           post_returns: jax.Array) -> jax.Array:
-    """E-MAML's exploration term (Stadie et al. 2018), ALGORITHMS.md §2, for ONE task:
+def normalized_post_rewards(post_batch: Trajectories) -> jax.Array:
+    """E-MAML's reward signal R̃'_i, [M]: the post-update rewards normalised per step
+    over every real step of the meta-batch (zero mean, unit std), then averaged over
+    task i's real steps; as ProMP's sample processor computes `adj_avg_rewards`."""
+    masks, rewards = post_batch.masks, post_batch.rewards
+    count = jnp.maximum(jnp.sum(masks), 1.0)
+    mean = jnp.sum(rewards * masks) / count
+    std = jnp.sqrt(jnp.sum(masks * (rewards - mean) ** 2) / count)
+    normalized = (rewards - mean) / (std + 1e-8)
+    return jax.vmap(masked_mean)(normalized, masks)
 
-        − R̃'_i · mean_k mean_{(s,a) ∈ batch_k} log π_{φ_k}(a|s)
 
-    R̃'_i is this task's post-update return normalised over the meta-batch (a constant):
-    its gradient credits the pre-update sampling for the return it led to.
+def emaml_exploration_term(policy: GaussianPolicy, theta, first_batch: Trajectories,
+                           post_reward: jax.Array) -> jax.Array:
+    """E-MAML's exploration term (Stadie et al. 2018) for ONE task, as ProMP's code
+    adds it to the outer loss:
+
+        − R̃'_i · mean_{(s,a) ∈ step-0 batch} log π_θ(a|s)
+
+    R̃'_i (`normalized_post_rewards`) is a constant: the term's gradient credits θ's
+    sampling for the post-update reward it led to. Only the step-0 batch enters, with
+    K > 1 too.
     """
-    terms = []
-    for k, params in enumerate(adapted_per_step):
-        batch = jax.tree.map(lambda x: x[k], pre_batches)
-        log_probs = policy.log_prob(params, batch.observations, batch.actions)
-        terms.append(masked_mean(log_probs, batch.masks))
-    return -post_returns * jnp.mean(jnp.stack(terms))
+    log_probs = policy.log_prob(theta, first_batch.observations, first_batch.actions)
+    return -post_reward * masked_mean(log_probs, first_batch.masks)
 
 
 class MAMLFamily(MetaLearner):
@@ -105,14 +136,19 @@ class MAMLFamily(MetaLearner):
 
     def __init__(self, config, env: TaskEnv, policy: GaussianPolicy):
         super().__init__(config, env, policy)
-        self.inner_loss = INNER_LOSSES[self.inner]
-        self.outer_loss = OUTER_LOSSES[self.outer]
+        # The VPG variants average over steps and have no KL constraint.
+        self.averaging = getattr(config, "averaging", "steps")
+        self.kl_direction = getattr(config, "kl_direction", "old_new")
+        per_episode = self.averaging == "episodes"
+        self.inner_loss = (PER_EPISODE_LOSSES if per_episode else INNER_LOSSES)[self.inner]
+        self.outer_loss = (PER_EPISODE_LOSSES if per_episode else OUTER_LOSSES)[self.outer]
         if self.optimizer_kind == "adam":
             self.optimizer = optax.adam(config.outer_lr, b1=0.9, b2=0.999, eps=1e-8)
 
     def process(self, batch: Trajectories, config) -> Trajectories:
         if self.inner == "dice":
-            return dice_adjusted_rewards(batch, config.discount, config.dice_baseline)
+            return dice_adjusted_rewards(batch, config.discount, config.dice_baseline,
+                                         config.normalize_advantages)
         return standard_advantages(batch, config)
 
     def init(self, key: jax.Array) -> MAMLState:
@@ -138,25 +174,27 @@ class MAMLFamily(MetaLearner):
 
         Returns (loss, aux) with aux["exploration"] the E-MAML term (0 otherwise).
         """
-        post_returns = jnp.mean(post_batch.episode_returns(), axis=-1)  # [M]
-        normalised = (post_returns - post_returns.mean()) / (post_returns.std() + 1e-8)
+        post_rewards = normalized_post_rewards(post_batch)  # [M]
 
-        def task_loss(pre, post, post_return):
+        def task_loss(pre, post, post_reward):
             adapted = self.adapt(theta, pre)
             loss = self.outer_loss(self.policy, adapted[-1], post)
-            exploration = (emaml_exploration_term(self.policy, adapted[:-1], pre, post_return)
+            first_batch = jax.tree.map(lambda x: x[0], pre)
+            exploration = (emaml_exploration_term(self.policy, theta, first_batch, post_reward)
                            if self.exploration else jnp.zeros(()))
             return loss + exploration, exploration
 
-        losses, exploration = jax.vmap(task_loss)(pre_batches, post_batch, normalised)
+        losses, exploration = jax.vmap(task_loss)(pre_batches, post_batch, post_rewards)
         return jnp.mean(losses), {"exploration": jnp.mean(exploration)}
 
     def meta_kl(self, theta, pre_batches: Trajectories, post_batch: Trajectories):
         """mean_i mean_{s'} KL(π_old'(·|s') ‖ π_{φ_K,i(θ)}(·|s')): TRPO's constraint between
-        the post-update policies that sampled and those of the new θ."""
+        the post-update policies that sampled and those of the new θ. The KL's direction
+        and its average over a task's states follow `kl_direction` and `averaging`."""
 
         def task_kl(pre, post):
-            return mean_kl_from_sampler(self.policy, self.adapt(theta, pre)[-1], post)
+            return kl_to_sampler(self.policy, self.adapt(theta, pre)[-1], post,
+                                 self.kl_direction, self.averaging)
 
         return jnp.mean(jax.vmap(task_kl)(pre_batches, post_batch))
 
@@ -173,7 +211,9 @@ class MAMLFamily(MetaLearner):
 
         Each inner step φ_{k−1} ↦ φ_k (`inner_update`) is linearised once and its
         Jacobian I − α H_k applied forwards on both sides; only the post-update
-        distribution is transposed. Transposing the whole linearised map
+        distribution is transposed. Both KL directions have this Hessian at θ_old (F is
+        the Fisher information of either); `averaging` sets the state weights of F.
+        Transposing the whole linearised map
         instead costs a reverse pass through each inner gradient's tangent, which on the
         2-core CPU made the conjugate-gradient loop 1.2–1.6× slower
         (benchmarks/RESULTS.md). With `first_order`, the steps' Jacobians are I.
@@ -213,13 +253,15 @@ class MAMLFamily(MetaLearner):
 
         return product
 
-    @staticmethod
-    def post_state_weights(post_batch: Trajectories) -> jax.Array:
-        """[M, N, H] weights that make Σ w_s a mean over each task's real post-update
-        states, averaged over tasks (the meta KL's weighting)."""
+    def post_state_weights(self, post_batch: Trajectories) -> jax.Array:
+        """[M, N, H] weights that make Σ w_s the meta KL's average over each task's real
+        post-update states (every step alike, or per episode with `averaging:
+        episodes`), averaged over tasks."""
         masks = post_batch.masks
-        count = jnp.maximum(jnp.sum(masks, axis=(1, 2), keepdims=True), 1.0)
-        return masks / count / masks.shape[0]
+        weights = (episode_weights(masks, post_batch.dones) if self.averaging == "episodes"
+                   else masks)
+        total = jnp.sum(weights, axis=(1, 2), keepdims=True)
+        return weights / jnp.where(total > 0, total, 1.0) / masks.shape[0]
 
     def adaptation_returns(self, params, key, num_tasks, adapt_steps, episodes_per_task):
         return adaptation_returns(self.env, self.policy, self.config, params, key, num_tasks,
