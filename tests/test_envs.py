@@ -1,4 +1,4 @@
-"""Environment rewards and dynamics against values computed by hand (ENVIRONMENTS.md).
+"""Environment rewards and dynamics against values computed by hand (the task tables of the README).
 
 The Brax bodies are compiled once per module: one jitted program per environment that
 resets, then scans a few fixed policy actions, returning everything the checks need.

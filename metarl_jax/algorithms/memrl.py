@@ -1,5 +1,5 @@
 """MEMRL: first-order meta-RL with Moreau envelopes (Toghani, Perez-Salazar, Uribe 2023),
-ALGORITHMS.md §3.
+docs/algorithms.md §3.
 
 With f_i(φ) = −J_i(φ), the meta objective is mean_i F_i(θ), F_i(θ) = min_φ f_i(φ) +
 (λ/2)‖φ − θ‖², whose gradient is ∇F_i(θ) = λ (θ − φ_i*(θ)). Per iteration and task:

@@ -1,4 +1,4 @@
-"""ProMP (Rothfuss et al., ICLR 2019) as one compiled meta-iteration, ALGORITHMS.md §1.
+"""ProMP (Rothfuss et al., ICLR 2019) as one compiled meta-iteration, docs/algorithms.md §1.
 
 Read `ProMP.meta_iteration` top to bottom: sample tasks; K inner phases, each sampling
 fresh episodes with the current adapted policy and taking one LVC gradient step; a
@@ -26,7 +26,7 @@ from metarl_jax.rollout import Trajectories
 
 @dataclasses.dataclass(frozen=True)
 class ProMPConfig(SamplingConfig):
-    """ProMP hyperparameters; defaults are the reference runs' (ALGORITHMS.md §1)."""
+    """ProMP hyperparameters; defaults are the reference runs' (docs/algorithms.md §1)."""
 
     outer_lr: float = field(1e-3, **positive())
     promp_steps: int = field(5, **at_least(1))
