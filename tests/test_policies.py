@@ -37,5 +37,7 @@ def test_distribution_matches_flax_apply(action_size, activation, batch_shape):
 
     ours = jax.grad(objective(policy.distribution))(params)
     theirs = jax.grad(objective(policy.network.apply))(params)
+    # float32 second-order gradients: small entries carry rounding on the scale of the
+    # leaf's largest ones (this CPU: 1.3e-6 on an entry of 1.5e-3 in a leaf up to 35)
     for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs)):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * max(1.0, float(np.max(np.abs(b)))))
