@@ -1,20 +1,26 @@
 #!/usr/bin/env bash
-# GMPS (experts mode) against ProMP on point-nav, 3 seeds each: meta-training environment
-# steps to reach a post-update return of −20 (5-iteration moving average); the experts'
-# own steps are reported apart. Reuses the ProMP runs of compare_point_nav.sh.
+# GMPS (experts mode, 101 iterations) against ProMP (100 iterations) on point-nav, 3
+# seeds each, at the same 80,000 meta-training environment steps per iteration: the
+# post-update return over iterations 80–100, the lowest 5-iteration moving average from
+# iteration 40 on, and the steps to reach a post-update return of −20 (5-iteration moving
+# average); the experts' own steps are reported apart. Reuses the ProMP runs of
+# compare_point_nav.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 METARL=${METARL:-.venv/bin/metarl}
 PYTHON=${PYTHON:-.venv/bin/python}
 for seed in 0 1 2; do
   out=runs/compare_point_nav/gmps_seed${seed}
-  [ -d "$out/checkpoints/40" ] || "$METARL" train --config experiments/gmps_point_nav.yaml \
+  [ -d "$out/checkpoints/101" ] || "$METARL" train --config experiments/gmps_point_nav.yaml \
     --seed "$seed" --out "$out" --force --quiet
   out=runs/compare_point_nav/promp_seed${seed}
   [ -d "$out/checkpoints/100" ] || "$METARL" train --config experiments/promp_point_nav.yaml \
     --seed "$seed" --out "$out" --force --quiet
 done
 runs=(runs/compare_point_nav/{gmps,promp}_seed{0,1,2})
-"$PYTHON" experiments/summarize.py "${runs[@]}" --at-steps 3200000 --threshold -20 \
-  | tee experiments/compare_gmps_point_nav.md
+{
+  "$PYTHON" experiments/summarize.py "${runs[@]}" --first 80 --last 100 --threshold -20
+  echo
+  "$PYTHON" experiments/gmps_stability.py "${runs[@]}" --first 80 --last 100 --from 40
+} | tee experiments/compare_gmps_point_nav.md
 "$METARL" plot "${runs[@]}" --no-pre --out experiments/compare_gmps_point_nav.png

@@ -25,8 +25,8 @@ REDUCED = ["env.backend=spring", "meta_batch_size=8", "episodes_per_task=10", "h
 def main():
     raw = merge(load_yaml("experiments/gmps_ant_goal_ring.yaml"),
                 parse_overrides([*REDUCED, *sys.argv[1:]]))
-    env, policy, gmps = trainer.build(trainer.resolve_config(raw))
-    config = gmps.config
+    env, _, gmps = trainer.build(trainer.resolve_config(raw))
+    policy, config = gmps.policy, gmps.config  # the meta-policy (bias-transformed)
     state = gmps.prepare(gmps.init(jax.random.PRNGKey(0)))
 
     @jax.jit
@@ -35,14 +35,13 @@ def main():
             collect(env, policy, state.params["policy"], state.train_tasks,
                     jax.random.PRNGKey(5), config.episodes_per_task, config.horizon,
                     per_task_params=False), config)
-        demo_weights = (jnp.arange(config.gmps.buffer_size)[None]
-                        < state.buffer_counts[:, None]).astype(jnp.float32)
+        observations, labels, weights = gmps.expert_data(
+            state, jnp.arange(config.gmps.num_train_tasks))
 
         def step(carry, _):
             params, opt_state = carry
             loss, grads = jax.value_and_grad(gmps.outer_loss)(
-                params, batch, state.buffer_observations, state.buffer_actions,
-                demo_weights)
+                params, batch, observations, labels, weights)
             log_probs = policy.log_prob(params["policy"], batch.observations, batch.actions)
             largest_log_weight = jnp.max(
                 jnp.where(batch.masks > 0, log_probs - batch.log_probs, -jnp.inf))

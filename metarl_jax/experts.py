@@ -1,4 +1,4 @@
-"""GMPS phase 1 (ALGORITHMS.md §4): per-task PPO experts and demonstration files.
+"""GMPS phase 1: per-task PPO experts and demonstration files.
 
 Experts
 -------
@@ -22,7 +22,8 @@ File format (version 1); T tasks, D steps per task (the largest count, see `coun
     observations         float32 [T, D, O]  states visited by expert i on task i
     actions              float32 [T, D, A]  the expert's action label at those states, in
                                             the policy's raw action space (before any env
-                                            scaling or clipping)
+                                            scaling), clipped to the environment's raw
+                                            action bound (`TaskEnv.raw_action_bound`)
     counts               int64 [T]          real steps of task i, 1 <= counts[i] <= D; rows
                                             counts[i]..D-1 repeat the last real step
     task.<leaf>          [T, ...]           each leaf of the task pytree, e.g. `task.goal`
@@ -175,29 +176,31 @@ class _PPO:
                                 return_mean=jnp.zeros((num_tasks,)),
                                 return_std=jnp.ones((num_tasks,)))
 
-    def values(self, value_params, observations, mean, std):
-        horizon = observations.shape[-2]
-        time = jnp.broadcast_to(jnp.arange(horizon, dtype=observations.dtype) / horizon,
-                                observations.shape[:-1])
+    def values(self, value_params, observations, timesteps, mean, std):
+        """V(s, t/H) with t the step index within the episode (`timesteps`, which
+        restarts at 0 wherever a fresh episode starts inside a lane)."""
+        time = timesteps.astype(observations.dtype) / self.horizon
         return mean + std * self.value_net.apply(value_params, observations, time), time
 
     def task_update(self, params, opt_state, return_mean, return_std, batch: Trajectories,
                     key):
         """One task's PPO update from its [N, H] batch."""
         cfg = self.config
-        masks = batch.masks
+        masks, dones = batch.masks, batch.dones
         if cfg.baseline == "linear":
-            features = baseline_features(batch.observations)
+            features = baseline_features(batch.observations, batch.timesteps)
             coeffs = fit_linear_baseline(
-                features, discounted_returns(batch.rewards, masks, cfg.discount), masks)
+                features, discounted_returns(batch.rewards, masks, cfg.discount, dones),
+                masks)
             values = (features @ coeffs) * masks
             time = jnp.zeros_like(masks)
         else:
-            values, time = self.values(params["value"], batch.observations, return_mean,
-                                       return_std)
+            values, time = self.values(params["value"], batch.observations, batch.timesteps,
+                                       return_mean, return_std)
             values = values * masks
+        # Within each episode of a lane; the value after an episode's last step is 0.
         advantages = generalized_advantages(batch.rewards, values, masks, cfg.discount,
-                                            cfg.gae_lambda)
+                                            cfg.gae_lambda, dones)
         targets = (advantages + values) * masks  # λ-returns
         if cfg.baseline == "value":
             return_mean = _masked_mean(targets, masks)
@@ -262,7 +265,7 @@ class _PPO:
         params, opt_state, mean, std, stats = jax.vmap(self.task_update)(
             state.params, state.opt_state, state.return_mean, state.return_std, batch,
             jax.random.split(update_key, num_tasks))
-        task_returns = jnp.mean(batch.episode_returns(), axis=1)
+        task_returns = batch.mean_episode_return(axis=1)
         log_std = params["policy"]["params"]["log_std"]
         metrics = {"return": jnp.mean(task_returns), "task_returns": task_returns,
                    "std": jnp.mean(jnp.exp(log_std)),
@@ -282,7 +285,8 @@ def train_experts(env: TaskEnv, tasks, config: ExpertConfig, key: jax.Array,
       (expert_params, info): the experts' `GaussianPolicy` parameters stacked on a leading
       axis T (policy `expert_policy(env, config)`), and info with `returns` [iterations]
       (mean undiscounted return of the episodes sampled at each iteration, before its
-      update: returns[0] is the initial policies'), `task_returns` [iterations, T],
+      update, over the episodes `Trajectories.mean_episode_return` counts: returns[0] is
+      the initial policies'), `task_returns` [iterations, T],
       `clip_fraction`, `approx_kl`, `std`, `value_loss` [iterations] and `env_steps`
       (T · episodes_per_iteration · horizon per iteration, every step of the fixed
       horizon counted as in the trainer).
@@ -335,7 +339,9 @@ def collect_demonstrations(env: TaskEnv, policy: GaussianPolicy, expert_params, 
     The states are those visited by the expert acting *stochastically* (its Gaussian),
     or with its mean action when `deterministic`. The action label recorded at every
     state is the expert's *mean* action there (deterministic, noise-free: what GMPS's
-    outer loss ||μ_θ'(s) − a*||² regresses on), in the policy's raw action space.
+    outer loss ||μ_θ'(s) − a*||² regresses on), in the policy's raw action space,
+    clipped to the environment's raw action bound: beyond it the environment clips, so
+    a larger label would only ask the meta-policy for an action that acts the same.
 
     Episodes are concatenated per task in order, masked steps removed; tasks with fewer
     real steps than the longest are padded by repeating their last real step, and
@@ -346,7 +352,7 @@ def collect_demonstrations(env: TaskEnv, policy: GaussianPolicy, expert_params, 
     batch = jax.jit(collect, static_argnums=(0, 1, 5, 6))(
         env, policy, params, tasks, key, episodes_per_task, horizon)
     observations = np.asarray(batch.observations, np.float32)
-    means = np.asarray(batch.means, np.float32)
+    means = np.asarray(clip_to_action_bound(batch.means, env.raw_action_bound()), np.float32)
     masks = np.asarray(batch.masks)
     num_tasks = masks.shape[0]
     flat_masks = masks.reshape(num_tasks, -1) > 0
@@ -359,23 +365,32 @@ def collect_demonstrations(env: TaskEnv, policy: GaussianPolicy, expert_params, 
         real = np.concatenate([real, np.full(size - real.size, real[-1])])
         obs_out[task] = observations[task].reshape(-1, observations.shape[-1])[real]
         act_out[task] = means[task].reshape(-1, means.shape[-1])[real]
-    returns = np.asarray(jnp.mean(batch.episode_returns(), axis=1), np.float32)
+    returns = np.asarray(batch.mean_episode_return(axis=1), np.float32)
     return DemonstrationBatch(obs_out, act_out, counts, returns,
                               num_tasks * episodes_per_task * horizon)
 
 
-def expert_actions(policy: GaussianPolicy, expert_params, task_indices, observations):
+def clip_to_action_bound(actions, bound: float | None):
+    """`actions` clipped to [-bound, bound] per coordinate; unchanged when bound is None
+    (an environment that does not clip, `TaskEnv.raw_action_bound`)."""
+    return actions if bound is None else jnp.clip(actions, -bound, bound)
+
+
+def expert_actions(policy: GaussianPolicy, expert_params, task_indices, observations,
+                   action_bound: float | None = None):
     """The experts' mean actions, for DAgger labelling.
 
     Args:
       expert_params: stacked experts, leading axis T.
       task_indices: int [B], which expert labels each row.
       observations: [B, ..., obs].
+      action_bound: the environment's raw action bound; the labels are clipped to it.
     Returns:
-      [B, ..., act]: μ_{expert task_indices[b]}(observations[b]).
+      [B, ..., act]: μ_{expert task_indices[b]}(observations[b]), clipped.
     """
     selected = jax.tree.map(lambda leaf: leaf[jnp.asarray(task_indices)], expert_params)
-    return jax.vmap(lambda p, o: policy.distribution(p, o)[0])(selected, observations)
+    means = jax.vmap(lambda p, o: policy.distribution(p, o)[0])(selected, observations)
+    return clip_to_action_bound(means, action_bound)
 
 
 # --- the file format ----------------------------------------------------------------------
@@ -699,6 +714,6 @@ def run_experts(env: TaskEnv, config: ExpertConfig, out_path,
 
 
 __all__ = ["FORMAT_VERSION", "DemonstrationBatch", "Demonstrations", "ExpertConfig",
-           "ExpertTrainState", "collect_demonstrations", "expert_actions", "expert_policy",
-           "load_demonstrations", "resolve_expert_config", "resolve_horizon", "run_experts",
+           "ExpertTrainState", "clip_to_action_bound", "collect_demonstrations",
+           "expert_actions", "expert_policy", "load_demonstrations", "resolve_expert_config", "resolve_horizon", "run_experts",
            "save_demonstrations", "train_experts", "validate_expert_config"]

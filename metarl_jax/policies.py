@@ -80,6 +80,37 @@ class GaussianPolicy:
         return action, gaussian_log_prob(mean, log_std, action), mean, log_std
 
 
+@dataclasses.dataclass(frozen=True)
+class BiasTransformPolicy(GaussianPolicy):
+    """A `GaussianPolicy` whose MLP reads the observation with a learned vector appended.
+
+    The bias transformation (Finn et al. 2017), as in GMPS's reference meta-policy: a
+    parameter `bias_transformation` of `bias_size` entries (initialised to `bias_init`)
+    is concatenated to every observation before the first layer, so the first layer's
+    kernel has `observation_size + bias_size` rows. It is an ordinary leaf of the
+    parameter tree: adapted by the inner step and given its own step size like every
+    other leaf. The observation itself keeps `observation_size` entries.
+    """
+
+    bias_size: int = 4
+    bias_init: float = 1.0
+
+    def init(self, key: jax.Array):
+        params = self.network.init(key, jnp.zeros((self.observation_size + self.bias_size,)))
+        return {"params": {**params["params"],
+                           "bias_transformation": jnp.full((self.bias_size,), self.bias_init,
+                                                           jnp.float32)}}
+
+    def distribution(self, params, obs: jax.Array) -> tuple[jax.Array, jax.Array]:
+        bias = params["params"]["bias_transformation"]
+        inputs = jnp.concatenate(
+            [obs, jnp.broadcast_to(bias, obs.shape[:-1] + bias.shape).astype(obs.dtype)],
+            axis=-1)
+        mean = mlp_mean(params, inputs, self.activation)
+        log_std = params["params"]["log_std"]
+        return mean, jnp.broadcast_to(log_std, mean.shape)
+
+
 def mlp_mean(params, obs: jax.Array, activation: str = "tanh") -> jax.Array:
     """The MLP mean of `_GaussianMLP`, written out on its flax parameter tree.
 

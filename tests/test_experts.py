@@ -13,9 +13,11 @@ from metarl_jax import experts
 from metarl_jax.cli import EXIT_CONFIG_ERROR, main
 from metarl_jax.config import ConfigError
 from metarl_jax.envs import make_env
+from metarl_jax.envs.base import EnvState, TaskEnv
 from metarl_jax.experts import (Demonstrations, ExpertConfig, collect_demonstrations,
                                 expert_actions, expert_policy, load_demonstrations,
                                 save_demonstrations, train_experts)
+from metarl_jax.rollout import collect
 
 HORIZON = 25
 NUM_TASKS = 4
@@ -101,7 +103,7 @@ def test_each_expert_walks_to_its_own_goal(trained):
 
 
 def test_demonstrations_keep_real_steps_pad_with_last_and_label_with_mean(trained, demo_file):
-    _, _, policy, params, _ = trained
+    env, _, policy, params, _ = trained
     _, demos = demo_file
     steps = demos.observations.shape[1]
     assert demos.observations.shape == (NUM_TASKS, steps, 2)
@@ -116,9 +118,11 @@ def test_demonstrations_keep_real_steps_pad_with_last_and_label_with_mean(traine
         assert at_origin.sum() == CONFIG.demos_per_task and at_origin[0]
         pad = demos.observations[t, demos.counts[t]:]
         assert np.all(pad == real[-1])
-    # Labels are the expert's own mean action at the visited state.
+    # Labels are the expert's own mean action at the visited state, clipped to the
+    # environment's raw action bound (point-nav: ±0.1).
     indices = np.repeat(np.arange(NUM_TASKS), steps)
-    labels = expert_actions(policy, params, indices, demos.observations.reshape(-1, 2))
+    labels = expert_actions(policy, params, indices, demos.observations.reshape(-1, 2),
+                            env.raw_action_bound())
     np.testing.assert_allclose(labels.reshape(demos.actions.shape), demos.actions, atol=1e-5)
 
 
@@ -380,3 +384,49 @@ def test_expert_config_defaults_match_the_brief():
         3e-4, 0.2, 10, 4)
     assert (config.discount, config.gae_lambda, config.demos_per_task) == (0.99, 0.95, 10)
     assert dataclasses.replace(config, seed=3).seed == 3
+
+
+# --- episodes that end and restart inside a lane -----------------------------------------
+
+
+class _FourStepEpisodes(TaskEnv):
+    """Every episode lasts exactly 4 steps (reward 1 each, observation the step count);
+    a lane starts a fresh one at once."""
+
+    name = "four-step-episodes"
+    observation_size = 1
+    action_size = 1
+    horizon = 10
+    task_distribution = "a single task"
+
+    def sample_tasks(self, key, num_tasks):
+        return {"goal": jnp.zeros((num_tasks, 1))}
+
+    def reset(self, key, task):
+        return EnvState(obs=jnp.zeros(1), reward=jnp.zeros(()), done=jnp.zeros(()),
+                        physics=jnp.zeros(()))
+
+    def step(self, state, action, task):
+        count = state.physics + 1.0
+        return EnvState(obs=count[None], reward=jnp.ones(()),
+                        done=(count >= 4.0).astype(jnp.float32), physics=count)
+
+
+def test_ppo_time_feature_and_returns_restart_with_every_episode():
+    env = _FourStepEpisodes()
+    config = ExpertConfig(num_tasks=2, iterations=2, episodes_per_iteration=2, horizon=10,
+                          hidden_sizes=(4,), value_hidden_sizes=(4,), minibatches=2)
+    ppo = experts._PPO(env, expert_policy(env, config), config)
+    state = ppo.init(jax.random.PRNGKey(0), 2)
+    tasks = env.sample_tasks(jax.random.PRNGKey(1), 2)
+    batch = collect(env, ppo.policy, state.params["policy"], tasks, jax.random.PRNGKey(2), 2,
+                    10)
+    value_params = jax.tree.map(lambda x: x[0], state.params["value"])
+    _, time = ppo.values(value_params, batch.observations[0], batch.timesteps[0], 0.0, 1.0)
+    # The value function's time feature is the step within the episode over H.
+    np.testing.assert_allclose(np.asarray(time[0]),
+                               np.array([0, 1, 2, 3, 0, 1, 2, 3, 0, 1]) / 10, atol=1e-6)
+    # The reported return averages the episodes that ended (4 each), not whole lanes (10).
+    _, info = train_experts(env, tasks, config, jax.random.PRNGKey(3))
+    np.testing.assert_allclose(info["returns"], 4.0)
+    np.testing.assert_allclose(info["task_returns"], 4.0)

@@ -1,5 +1,9 @@
 """GMPS phase 2: the importance-weighted inner step, the imitation outer loss through it,
-the DAgger buffer, and the compiled meta-iteration on a prepared state."""
+the demonstrations and the DAgger buffer beside them, expert labels inside the action
+bounds, the returns measured by meta-test adaptation, the bias-transformed meta-policy,
+and the compiled meta-iteration on a prepared state."""
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -7,14 +11,20 @@ import numpy as np
 import pytest
 
 from metarl_jax import trainer
+from metarl_jax.algorithms.common import (phase_returns, sample_adaptation_phases,
+                                          standard_advantages)
 from metarl_jax.algorithms.gmps import append_to_buffer
-from metarl_jax.losses import importance_weighted_pg_loss, log_likelihood_loss
+from metarl_jax.experts import (collect_demonstrations, expert_actions, load_demonstrations,
+                                save_demonstrations)
+from metarl_jax.losses import (importance_weighted_pg_loss, inner_update,
+                               log_likelihood_loss)
+from metarl_jax.policies import BiasTransformPolicy, GaussianPolicy, mlp_mean
 from metarl_jax.rollout import collect
-from metarl_jax.algorithms.common import standard_advantages
 
 TINY = {"meta_batch_size": 3, "episodes_per_task": 3, "horizon": 12, "hidden_sizes": [8, 8]}
-GMPS_TINY = {"num_train_tasks": 4, "imitation_steps": 5, "buffer_size": 40,
-             "expert_hidden_sizes": [8, 8]}
+GMPS_TINY = {"num_train_tasks": 4, "imitation_steps": 5, "demo_buffer_size": 40,
+             "dagger_buffer_size": 30, "expert_hidden_sizes": [8, 8]}
+BOUND = 0.1  # point-nav clips the raw action to ±0.1
 
 
 def build(**gmps_options):
@@ -24,19 +34,20 @@ def build(**gmps_options):
 
 
 def with_synthetic_demos(algorithm, state, demos_per_task=10):
-    """Fills the buffer with `demos_per_task` (s, a*) pairs per task and gives each task
-    an expert whose mean action is the constant (task index, −task index)."""
-    T, B = state.buffer_observations.shape[:2]
-    observations = jax.random.normal(jax.random.PRNGKey(9), (T, B, 2)) * 0.3
-    actions = jnp.stack([jnp.arange(T, dtype=jnp.float32),
-                         -jnp.arange(T, dtype=jnp.float32)], -1)[:, None, :]
-    actions = jnp.broadcast_to(actions, (T, B, 2))
+    """Fills the demonstrations with `demos_per_task` (s, a*) pairs per task (a* =
+    (0.02 i, −0.02 i) for task i) and gives each task an expert whose mean action is the
+    constant (i, −i), outside the ±0.1 bound for i ≥ 1."""
+    T, D = state.demo_observations.shape[:2]
+    observations = jax.random.normal(jax.random.PRNGKey(9), (T, D, 2)) * 0.3
+    actions = 0.02 * jnp.stack([jnp.arange(T, dtype=jnp.float32),
+                                -jnp.arange(T, dtype=jnp.float32)], -1)[:, None, :]
+    actions = jnp.broadcast_to(actions, (T, D, 2))
     experts = state.expert_params
     experts["params"]["Dense_2"]["bias"] = jnp.asarray(
         np.stack([np.arange(T), -np.arange(T)], -1), jnp.float32)
     counts = jnp.full((T,), demos_per_task, jnp.int32)
-    return state.replace(buffer_observations=observations, buffer_actions=actions,
-                         buffer_counts=counts, buffer_next=counts % B, expert_params=experts)
+    return state.replace(demo_observations=observations, demo_actions=actions,
+                         demo_counts=counts, expert_params=experts)
 
 
 def sampled_batch(algorithm, params):
@@ -63,15 +74,52 @@ def test_importance_weighted_gradient_is_plain_policy_gradient_at_theta_init():
                zip(jax.tree.leaves(weighted), jax.tree.leaves(plain))) > 1e-4
 
 
+def test_clipped_importance_weights_bound_the_inner_gradient():
+    from metarl_jax.algorithms.gmps import clipped_importance_weighted_pg_loss
+
+    algorithm = build(importance_clip=2.0)
+    theta = algorithm.init(jax.random.PRNGKey(0)).params["policy"]
+    task_batch = jax.tree.map(lambda x: x[0], sampled_batch(algorithm, theta))
+    clipped = functools.partial(clipped_importance_weighted_pg_loss, clip=2.0)
+    # At θ_init every weight is 1: the plain policy gradient, clipped or not.
+    for a, b in zip(jax.tree.leaves(jax.grad(clipped, argnums=1)(algorithm.policy, theta,
+                                                                 task_batch)),
+                    jax.tree.leaves(jax.grad(log_likelihood_loss, argnums=1)(
+                        algorithm.policy, theta, task_batch))):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+    # Far from θ_init (a narrow policy, moved), the weights lie in [1/2, 2]: the loss is
+    # the log-likelihood loss with those weights.
+    moved = jax.tree.map(lambda p: p + 0.3, theta)
+    moved["params"]["log_std"] = jnp.full((2,), -2.0)
+    log_probs = algorithm.policy.log_prob(moved, task_batch.observations, task_batch.actions)
+    raw = np.asarray(log_probs - task_batch.log_probs)
+    assert raw.max() > np.log(2.0) and raw.min() < -np.log(2.0)
+    weights = np.exp(np.clip(raw, -np.log(2.0), np.log(2.0)))
+    masks = np.asarray(task_batch.masks)
+    expected = -np.sum(np.asarray(log_probs) * weights * np.asarray(task_batch.advantages)
+                       * masks) / masks.sum()
+    np.testing.assert_allclose(float(clipped(algorithm.policy, moved, task_batch)), expected,
+                               rtol=1e-4)
+    # The outer loss uses it when asked (and the unclipped loss by default).
+    state = with_synthetic_demos(algorithm, algorithm.init(jax.random.PRNGKey(0)))
+    batch = sampled_batch(algorithm, state.params["policy"])
+    data = algorithm.expert_data(state, jnp.arange(3))
+    far = {**state.params, "policy": moved}
+    assert float(algorithm.outer_loss(far, batch, *data)) != float(
+        build().outer_loss(far, batch, *data))
+    with pytest.raises(trainer.ConfigError, match="gmps.importance_clip: 0.5 not allowed"):
+        build(importance_clip=0.5)
+
+
 def test_outer_gradient_reaches_step_sizes_and_log_std():
     algorithm = build()
     state = with_synthetic_demos(algorithm, algorithm.init(jax.random.PRNGKey(0)))
     batch = sampled_batch(algorithm, state.params["policy"])
     ids = jnp.arange(3)
-    weights = (jnp.arange(40)[None] < state.buffer_counts[ids][:, None]).astype(jnp.float32)
-    grads = jax.grad(algorithm.outer_loss)(state.params, batch, state.buffer_observations[ids],
-                                           state.buffer_actions[ids], weights)
+    observations, labels, weights = algorithm.expert_data(state, ids)
+    grads = jax.grad(algorithm.outer_loss)(state.params, batch, observations, labels, weights)
     layers = {k: v for k, v in grads["step_sizes"]["params"].items() if k != "log_std"}
+    assert "bias_transformation" in layers  # its step size is learned too
     assert all(float(jnp.max(jnp.abs(g))) > 0 for g in jax.tree.leaves(layers))
     # The MSE sees only the adapted mean, so α_logσ gets no gradient; but log σ itself
     # shapes the inner policy gradient of the mean weights, so the outer gradient reaches
@@ -80,8 +128,7 @@ def test_outer_gradient_reaches_step_sizes_and_log_std():
     assert float(jnp.max(jnp.abs(grads["policy"]["params"]["log_std"]))) > 0
     # With the paper's negative log-likelihood, α_logσ is trained as well.
     nll = build(imitation="nll")
-    grads = jax.grad(nll.outer_loss)(state.params, batch, state.buffer_observations[ids],
-                                     state.buffer_actions[ids], weights)
+    grads = jax.grad(nll.outer_loss)(state.params, batch, observations, labels, weights)
     assert float(jnp.max(jnp.abs(grads["step_sizes"]["params"]["log_std"]))) > 0
     fixed = build(learned_step_sizes=False)
     assert set(fixed.init(jax.random.PRNGKey(0)).params) == {"policy"}
@@ -95,25 +142,158 @@ def test_ring_buffer_keeps_its_bound_and_only_real_steps():
     observations, actions, count, next_slot = append_to_buffer(
         observations, actions, jnp.int32(3), jnp.int32(3), new_obs, new_actions, masks)
     assert int(count) == 5 and int(next_slot) == (3 + 6) % 5
-    # Rows 0, 1, 3, 4, 5, 6 written at slots 3, 4, 0, 1, 2, 3 (row 6 overwrote row 0).
+    # Rows 1, 3, 4, 5, 6 written at slots 4, 0, 1, 2, 3 (row 0 would share slot 3 with
+    # row 6: of more rows than slots, the last ones are kept).
     np.testing.assert_array_equal(np.asarray(actions[:, 0]), [3, 4, 5, 6, 1])
+    # Many more rows than slots: exactly the last three, each slot written once.
+    many = jnp.arange(40, dtype=jnp.float32)[:, None]
+    _, kept, count, next_slot = append_to_buffer(
+        jnp.zeros((3, 1)), jnp.zeros((3, 1)), jnp.int32(0), jnp.int32(1), many, many,
+        jnp.ones(40))
+    assert int(count) == 3 and int(next_slot) == (1 + 40) % 3
+    np.testing.assert_array_equal(np.sort(np.asarray(kept[:, 0])), [37, 38, 39])
 
 
-def test_meta_iteration_with_dagger_labels_with_the_expert():
-    algorithm = build(dagger_every=1, buffer_size=40)
+def test_dagger_never_displaces_a_demonstration():
+    algorithm = build(dagger_every=1, dagger_buffer_size=30)
     state = with_synthetic_demos(algorithm, algorithm.init(jax.random.PRNGKey(0)),
                                  demos_per_task=10)
+    demos = jax.device_get((state.demo_observations, state.demo_actions, state.demo_counts))
     step = jax.jit(algorithm.meta_iteration)
-    new_state, metrics = step(state)
-    assert float(metrics["imitation_loss"]) < float(metrics["imitation_loss_first"])
-    counts = np.asarray(new_state.buffer_counts)
-    assert counts.max() == 40 and counts.min() == 10  # 3 of 4 tasks aggregated, capped
-    for task in np.nonzero(counts == 40)[0]:
-        labels = np.asarray(new_state.buffer_actions[task, 10:])
-        np.testing.assert_allclose(labels, np.tile([task, -task], (30, 1)), atol=1e-6)
-    state2, _ = step(new_state)  # still bounded, no recompilation
-    assert int(jnp.max(state2.buffer_counts)) == 40 and step._cache_size() == 1
-    assert algorithm.env_steps_per_iteration == 2 * 3 * 3 * 12
+    for _ in range(3):  # 3 × 3 tasks × 36 visited states into rings of 30
+        state, metrics = step(state)
+    assert step._cache_size() == 1
+    for kept, original in zip(jax.device_get((state.demo_observations, state.demo_actions,
+                                              state.demo_counts)), demos):
+        np.testing.assert_array_equal(kept, original)
+    counts = np.asarray(state.dagger_counts)
+    assert counts.max() == 30  # bounded
+    for task in np.nonzero(counts)[0]:
+        # Labelled with the task's expert, clipped to point-nav's ±0.1.
+        label = np.clip([task, -task], -BOUND, BOUND)
+        np.testing.assert_allclose(np.asarray(state.dagger_actions[task]),
+                                   np.tile(label, (30, 1)), atol=1e-6)
+    # The outer loss sees both: the 10 demonstrations and the DAgger states.
+    task = int(np.nonzero(counts)[0][0])
+    _, labels, weights = algorithm.expert_data(state, jnp.array([task]))
+    assert float(jnp.sum(weights)) == 10 + 30
+    np.testing.assert_allclose(np.asarray(labels[0, :10]),
+                               np.tile([0.02 * task, -0.02 * task], (10, 1)), atol=1e-6)
+    assert float(metrics["dagger_fill"]) == counts.mean()
+
+
+def test_returns_are_measured_by_meta_test_adaptation_from_theta():
+    short, long = build(imitation_steps=1), build(imitation_steps=5)
+    state = with_synthetic_demos(short, short.init(jax.random.PRNGKey(0)))
+    _, m_short = jax.jit(short.meta_iteration)(state)
+    new_state, m_long = jax.jit(long.meta_iteration)(state)
+    # θ's fresh episodes, the plain PG step with the learned step sizes, φ's fresh
+    # episodes: all before the imitation steps, so their number does not matter ...
+    for name in ("pre_return", "post_return"):
+        assert float(m_short[name]) == float(m_long[name])
+    # ... and they are exactly the shared meta-test phases on the iteration's tasks.
+    _, choice_key, sample_key = jax.random.split(state.key, 3)
+    task_ids = jax.random.choice(choice_key, 4, (3,), replace=False)
+    tasks = jax.tree.map(lambda x: x[task_ids], state.train_tasks)
+    expected = jax.jit(lambda: phase_returns(*sample_adaptation_phases(
+        long.env, long.policy, long.config, state.params["policy"], tasks, sample_key,
+        inner_loss=log_likelihood_loss, inner_lr=state.params["step_sizes"])))()
+    for name in ("pre_return", "post_return", "post_episodes"):
+        np.testing.assert_allclose(float(m_long[name]), float(expected[name]), rtol=1e-5)
+    assert float(m_long["post_return"]) != float(m_long["pre_return"])
+    assert new_state.iteration == 1
+    # Two phases of M·N·H per iteration: θ's and the adapted policies'.
+    assert long.env_steps_per_iteration == 2 * 3 * 3 * 12
+
+
+def test_expert_labels_lie_inside_the_action_bounds(tmp_path):
+    algorithm = build(dagger_every=1)
+    env = algorithm.env
+    assert env.raw_action_bound() == BOUND
+    # Experts whose mean action (±3) is far outside point-nav's ±0.1.
+    experts = jax.tree.map(jnp.zeros_like, algorithm.init(jax.random.PRNGKey(0)).expert_params)
+    experts["params"]["Dense_2"]["bias"] = jnp.tile(jnp.array([3.0, -3.0]), (4, 1))
+    tasks = env.sample_tasks(jax.random.PRNGKey(1), 4)
+    demos = collect_demonstrations(env, algorithm.expert_policy, experts, tasks,
+                                   jax.random.PRNGKey(2), 2, 12)
+    assert np.max(np.abs(demos.actions)) <= np.float32(BOUND)
+    np.testing.assert_allclose(demos.actions[..., 0], BOUND)
+    labels = expert_actions(algorithm.expert_policy, experts, jnp.arange(4),
+                            jnp.zeros((4, 5, 2)), BOUND)
+    np.testing.assert_allclose(np.asarray(labels), np.tile([BOUND, -BOUND], (4, 5, 1)))
+    # A file whose labels were stored unclipped is clipped when GMPS loads it.
+    path = save_demonstrations(tmp_path / "wide.npz", env.name, tasks, demos.observations,
+                               np.full_like(demos.actions, 5.0), demos.counts,
+                               expert_params=jax.device_get(experts), hidden_sizes=(8, 8))
+    prepared = build(demos=str(path), dagger_every=1)
+    state = prepared.prepare(prepared.init(jax.random.PRNGKey(0)))
+    assert np.max(np.abs(state.demo_actions)) <= np.float32(BOUND)
+    state, _ = jax.jit(prepared.meta_iteration)(state)  # DAgger labels: clipped too
+    assert int(jnp.max(state.dagger_counts)) > 0
+    assert np.max(np.abs(state.dagger_actions)) <= np.float32(BOUND)
+
+
+def test_meta_policy_appends_a_learned_bias_transformation():
+    algorithm = build()
+    assert isinstance(algorithm.policy, BiasTransformPolicy)
+    params = algorithm.init(jax.random.PRNGKey(0)).params
+    theta = params["policy"]
+    np.testing.assert_array_equal(np.asarray(theta["params"]["bias_transformation"]),
+                                  np.ones(4))
+    assert theta["params"]["Dense_0"]["kernel"].shape == (2 + 4, 8)  # obs, then the bias
+    np.testing.assert_array_equal(
+        np.asarray(params["step_sizes"]["params"]["bias_transformation"]), np.full(4, 0.5))
+    obs = jax.random.normal(jax.random.PRNGKey(1), (3, 5, 2))
+    mean, _ = algorithm.policy.distribution(theta, obs)
+    inputs = jnp.concatenate([obs, jnp.ones((3, 5, 4))], axis=-1)
+    np.testing.assert_allclose(np.asarray(mean), np.asarray(mlp_mean(theta, inputs)),
+                               atol=1e-6)
+    # The inner step adapts it, with its own step size.
+    batch = jax.tree.map(lambda x: x[0], sampled_batch(algorithm, theta))
+    adapted = inner_update(log_likelihood_loss, algorithm.policy, theta, batch,
+                           params["step_sizes"])
+    assert float(jnp.max(jnp.abs(adapted["params"]["bias_transformation"] - 1.0))) > 1e-6
+    plain = build(bias_transform_size=0)
+    assert type(plain.policy) is GaussianPolicy
+    assert "bias_transformation" not in plain.init(jax.random.PRNGKey(0)).params["policy"][
+        "params"]
+
+
+def test_dagger_labels_with_the_demonstration_files_expert_activation(tmp_path):
+    env = build().env
+    relu_expert = GaussianPolicy(2, 2, (8, 8), "relu")
+    experts = jax.vmap(relu_expert.init)(jax.random.split(jax.random.PRNGKey(3), 4))
+    # Small weights, so the experts' means stay inside ±0.1 and differ between the
+    # activations; positive biases, so that ReLU and tanh disagree.
+    experts = jax.tree.map(lambda x: 0.05 * x, experts)
+    experts["params"]["Dense_0"]["bias"] = jnp.full((4, 8), 0.5)
+    tasks = env.sample_tasks(jax.random.PRNGKey(1), 4)
+    demos = collect_demonstrations(env, relu_expert, experts, tasks, jax.random.PRNGKey(2), 2,
+                                   12)
+    path = save_demonstrations(tmp_path / "relu.npz", env.name, tasks, demos.observations,
+                               demos.actions, demos.counts, expert_params=experts,
+                               hidden_sizes=(8, 8), activation="relu")
+    assert load_demonstrations(path, env).activation == "relu"
+    # A configuration that names another activation is refused, naming the field ...
+    mismatched = build(demos=str(path), dagger_every=1)
+    with pytest.raises(trainer.ConfigError, match="gmps.expert_activation: 'tanh', but the "
+                                                  "experts in the demonstrations file use "
+                                                  "'relu'"):
+        mismatched.prepare(mismatched.init(jax.random.PRNGKey(0)))
+    # ... and the matching one labels DAgger states with the ReLU experts.
+    algorithm = build(demos=str(path), dagger_every=1, expert_activation="relu")
+    assert algorithm.expert_policy.activation == "relu"
+    state = algorithm.prepare(algorithm.init(jax.random.PRNGKey(0)))
+    state, _ = jax.jit(algorithm.meta_iteration)(state)
+    task = int(np.argmax(np.asarray(state.dagger_counts)))
+    count = int(state.dagger_counts[task])
+    visited = state.dagger_observations[task, :count]
+    single = jax.tree.map(lambda x: x[task], experts)
+    relu_means = relu_expert.distribution(single, visited)[0]
+    tanh_means = GaussianPolicy(2, 2, (8, 8), "tanh").distribution(single, visited)[0]
+    assert float(jnp.max(jnp.abs(relu_means - tanh_means))) > 1e-3
+    np.testing.assert_allclose(np.asarray(state.dagger_actions[task, :count]),
+                               np.asarray(jnp.clip(relu_means, -BOUND, BOUND)), atol=1e-6)
 
 
 def test_meta_test_adaptation_uses_learned_step_sizes():
@@ -124,13 +304,23 @@ def test_meta_test_adaptation_uses_learned_step_sizes():
     assert returns.shape == (3, 2) and bool(jnp.all(jnp.isfinite(returns)))
 
 
-def test_gmps_configuration_errors():
+def test_gmps_configuration_errors(tmp_path):
     with pytest.raises(trainer.ConfigError, match="gmps.imitation: 'l1' not allowed"):
         trainer.resolve_config({"algo": "gmps", "gmps": {"imitation": "l1"}})
     with pytest.raises(trainer.ConfigError, match="unknown key 'gmps.demo'"):
         trainer.resolve_config({"algo": "gmps", "gmps": {"demo": "x.npz"}})
+    with pytest.raises(trainer.ConfigError, match="gmps.expert_activation: 'gelu' not"):
+        trainer.resolve_config({"algo": "gmps", "gmps": {"expert_activation": "gelu"}})
     with pytest.raises(trainer.ConfigError, match="meta_batch_size: at most gmps.num_train"):
         build(num_train_tasks=2)
+    env = build().env
+    tasks = env.sample_tasks(jax.random.PRNGKey(1), 4)
+    path = save_demonstrations(tmp_path / "long.npz", env.name, tasks, np.zeros((4, 50, 2)),
+                               np.zeros((4, 50, 2)), np.full(4, 50))
+    small = build(demos=str(path))
+    with pytest.raises(trainer.ConfigError, match="gmps.demo_buffer_size: 40 is smaller than "
+                                                  "the 50 demonstration steps per task"):
+        small.prepare(small.init(jax.random.PRNGKey(0)))
 
 
 def test_demonstrations_mode_and_experts_mode_from_the_cli(tmp_path):
@@ -147,7 +337,8 @@ def test_demonstrations_mode_and_experts_mode_from_the_cli(tmp_path):
     common = ["--iterations", "2", "--quiet", "--set", "meta_batch_size=3",
               "--set", "episodes_per_task=3", "--set", "horizon=12",
               "--set", "hidden_sizes=[8, 8]", "--set", "gmps.num_train_tasks=4",
-              "--set", "gmps.imitation_steps=3", "--set", "gmps.buffer_size=200",
+              "--set", "gmps.imitation_steps=3", "--set", "gmps.demo_buffer_size=200",
+              "--set", "gmps.dagger_buffer_size=100",
               "--set", "gmps.expert_hidden_sizes=[8, 8]", "--set", "gmps.dagger_every=1"]
     run = tmp_path / "demos_mode"
     result = CliRunner().invoke(main, ["train", "--algo", "gmps", "--out", str(run),
@@ -156,7 +347,7 @@ def test_demonstrations_mode_and_experts_mode_from_the_cli(tmp_path):
     records = trainer.read_metrics(str(run))
     assert [r["iteration"] for r in records] == [1, 2]
     assert records[0]["expert_env_steps"] > 0
-    assert records[-1]["buffer_fill"] > records[0]["buffer_fill"]  # DAgger appended
+    assert records[-1]["dagger_fill"] > 0  # DAgger wrote to its buffers
 
     experts_run = tmp_path / "experts_mode"
     result = CliRunner().invoke(main, ["train", "--algo", "gmps", "--out", str(experts_run),

@@ -1,6 +1,6 @@
-"""The task suite of ENVIRONMENTS.md beyond the core four: rewards of hand-driven steps
+"""The task suite beyond the core four: rewards of hand-driven steps
 against the formula computed from the Brax state, task sampling against its
-distribution, per-task physics, and termination masking.
+distribution, per-task physics, and what a lane does when its body falls.
 
 Tasks sharing a body run in one compiled program: the physics of every task of a group
 is the same (the task only enters the reward), so the program steps the first task's
@@ -14,11 +14,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from metarl_jax.algorithms.common import sample_adaptation_phases
 from metarl_jax.algorithms.promp import ProMP, ProMPConfig
 from metarl_jax.envs import PhysicsParameters, env_names, make_env
 from metarl_jax.envs.locomotion import ring_goals
 from metarl_jax.policies import GaussianPolicy
-from metarl_jax.rollout import rollout_episode
+from metarl_jax.advantages import discounted_returns
+from metarl_jax.rollout import collect
 
 NUM_STEPS = 5
 # Raw policy actions in the ±10 box; the environment receives clip(a / 10, -1, 1).
@@ -148,26 +150,89 @@ def test_ant_goal_reward(ant_goals):
 
 
 def test_ant_goal_ring_dense_and_sparse_rewards(ant_goals):
+    # The reward formula on given environment actions (here the ±10-scaled ones the
+    # program stepped with); `test_ant_ring_steps_in_its_own_unit_box` drives the ring.
     _, _, ring_goal_set, actions, run = ant_goals
     dense, sparse = run["others"]
     xy = _torso_positions(run)[0, 1:, :2]
-    ctrl = 0.1 * _ctrl(actions)
+    # control cost 0.005||a||^2 on the ±1 environment action, survive bonus 0.05
+    rest = 0.05 - 0.005 * _ctrl(actions)
     for i, goal in enumerate(ring_goal_set):
-        expected_dense = -np.abs(xy - goal).sum(-1) + 4.0 - ctrl
+        expected_dense = -np.abs(xy - goal).sum(-1) + 4.0 + rest
         np.testing.assert_allclose(dense[i], expected_dense, rtol=1e-4, atol=1e-4)
         inside = np.linalg.norm(xy - goal, axis=-1) <= 0.8
-        expected_sparse = np.where(inside, expected_dense, -np.abs(goal).sum() + 4.0 - ctrl)
+        expected_sparse = np.where(inside, expected_dense, -np.abs(goal).sum() + 4.0 + rest)
         np.testing.assert_allclose(sparse[i], expected_sparse, rtol=1e-4, atol=1e-4)
     # The ant stays within 0.15 of the origin (reset noise and a few steps): the far goals
     # are outside the 0.8 disc on every step, where the goal term is the constant
     # -||g||_1 + 4 ...
     assert np.all(np.linalg.norm(xy, axis=-1) < 0.15)
-    np.testing.assert_allclose(sparse[0] + ctrl, 2.0, atol=1e-5)
-    np.testing.assert_allclose(sparse[2] + ctrl, -0.95 + 4.0, atol=1e-5)
+    np.testing.assert_allclose(sparse[0] - rest, 2.0, atol=1e-5)
+    np.testing.assert_allclose(sparse[2] - rest, -0.95 + 4.0, atol=1e-5)
     # ... while the near goals are inside it, where sparse equals dense.
     np.testing.assert_allclose(sparse[1], dense[1], atol=1e-6)
     np.testing.assert_allclose(sparse[3], dense[3], atol=1e-6)
     assert np.ptp(sparse[3]) > 1e-4  # and the dense term moves with the ant
+
+
+@pytest.fixture(scope="module")
+def ant_ring():
+    """The dense ring driven by raw actions of up to ±2.5 (the ring's box is ±1), and
+    steps from torso heights inside and outside [0.2, 1.0]."""
+    ring = make_env("ant-goal-ring")
+    goals = np.array([[2.0, 0.0], [0.1, 0.1]], np.float32)
+    actions = _actions(ring.action_size) / 8.0
+    run = _drive(ring, {"goal": jnp.asarray(goals)}, actions)
+
+    @jax.jit
+    def from_height(key, heights):
+        task = {"goal": jnp.asarray(goals[0])}
+
+        def one(height):
+            state = ring.reset(key, task)
+            pipeline = state.physics.pipeline_state
+            pipeline = pipeline.replace(q=pipeline.q.at[2].set(height))
+            state = state.replace(physics=state.physics.replace(pipeline_state=pipeline))
+            stepped = ring.step(state, jnp.zeros(ring.action_size), task)
+            return stepped.done, stepped.physics.pipeline_state.x.pos[0], stepped.obs
+
+        return jax.vmap(one)(heights)
+
+    heights = jnp.array([0.75, 1.3])
+    dones, torso, obs = jax.device_get(from_height(jax.random.PRNGKey(3), heights))
+    return ring, goals, actions, run, dict(dones=dones, torso=torso, obs=obs)
+
+
+def test_ant_ring_steps_in_its_own_unit_box(ant_ring):
+    ring, goals, actions, run, _ = ant_ring
+    assert ring.action_scale == 1.0 and ring.raw_action_bound() == 1.0
+    assert make_env("ant-goal-ring-sparse").raw_action_bound() == 1.0
+    assert make_env("ant-goal").raw_action_bound() == 10.0  # ProMP's tasks keep ±10
+    env_actions = np.clip(actions, -1.0, 1.0)
+    assert np.any(np.abs(actions) > 1.0) and np.any(np.abs(actions) < 1.0)
+    xy = _torso_positions(run)[0, 1:, :2]
+    assert np.all(np.abs(xy) > 1e-4)
+    for i, goal in enumerate(goals):
+        expected = (-np.abs(xy - goal).sum(-1) + 4.0
+                    - 0.005 * np.sum(env_actions ** 2, axis=-1) + 0.05)
+        np.testing.assert_allclose(run["reward"][i], expected, rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(run["done"], 0.0)
+    # The simulator received the clipped action: the same physics as a ±1 drive.
+    clipped = _drive(ring, {"goal": jnp.asarray(goals)}, env_actions)
+    np.testing.assert_allclose(clipped["pos"], run["pos"], atol=1e-5)
+
+
+def test_ant_ring_terminates_outside_the_torso_height_range(ant_ring):
+    ring, *_, from_heights = ant_ring
+    # Brax's ant checks the torso height after every step against the range it was
+    # built with; the ring pins it rather than relying on Brax's default.
+    assert ring.brax_env._healthy_z_range == (0.2, 1.0)
+    assert ring.brax_env._terminate_when_unhealthy
+    z = from_heights["torso"][:, 2]
+    assert 0.2 <= z[0] <= 1.0 and z[1] > 1.0  # (contacts push a sunken torso up at once)
+    np.testing.assert_array_equal(from_heights["dones"], [0.0, 1.0])
+    # The observation starts with the torso's x, y, z (positions included).
+    np.testing.assert_allclose(from_heights["obs"][:, :3], from_heights["torso"], atol=1e-5)
 
 
 def test_ring_goals_and_sampling():
@@ -398,32 +463,53 @@ def test_new_physics_never_retraces():
 # Termination
 # ---------------------------------------------------------------------------------------
 
-def test_terminated_episode_contributes_nothing_after_its_last_real_step():
+def test_a_fallen_lane_continues_with_a_fresh_episode_and_its_returns_restart():
     env = make_env("hopper-params")
-    task = jax.tree.map(lambda x: x[0], _unit_scales(env))
     policy = GaussianPolicy(env.observation_size, env.action_size, (4,))
     params = policy.init(jax.random.PRNGKey(0))
     inner = jax.tree.map(jnp.zeros_like, params["params"])
-    # a deterministic policy pushing every joint hard one way: the hopper falls over
+    # a deterministic policy pushing every joint hard one way: the hopper falls over,
+    # and every fresh episode falls again
     inner["log_std"] = jnp.full((env.action_size,), -20.0)
     last_layer = max(k for k in inner if k != "log_std")
     inner[last_layer]["bias"] = jnp.array([10.0, -10.0, 10.0])
-    horizon = 80
-    traj = jax.jit(rollout_episode, static_argnums=(0, 1, 5))(
-        env, policy, {"params": inner}, task, jax.random.PRNGKey(1), horizon)
-    masks = np.asarray(traj.masks)
-    rewards = np.asarray(traj.rewards)
-    real = int(masks.sum())
-    assert 1 < real < horizon  # it did terminate
-    np.testing.assert_array_equal(masks, [1.0] * real + [0.0] * (horizon - real))
-    np.testing.assert_array_equal(rewards[real:], 0.0)
-    assert np.all(rewards[:real] != 0.0)
-    np.testing.assert_allclose(float(traj.episode_returns()), rewards[:real].sum(),
-                               rtol=1e-6)
-    # observations are frozen at the terminal state
+    horizon, tasks, lanes = 80, 2, 3
+    batch = jax.jit(collect, static_argnums=(0, 1, 5, 6, 7))(
+        env, policy, {"params": inner}, jax.tree.map(lambda x: jnp.repeat(x, tasks, axis=0), _unit_scales(env)),
+        jax.random.PRNGKey(1), lanes, horizon, False)
+    # the phase spends its whole budget on real transitions, over more episodes than lanes
+    assert float(jnp.sum(batch.masks)) == tasks * lanes * horizon
+    assert float(batch.episode_count()) > tasks * lanes
+    traj = jax.tree.map(lambda x: x[0, 0], batch)
+    masks, dones = np.asarray(traj.masks), np.asarray(traj.dones)
+    rewards, timesteps = np.asarray(traj.rewards), np.asarray(traj.timesteps)
     observations = np.asarray(traj.observations)
-    np.testing.assert_array_equal(observations[real:], np.broadcast_to(
-        observations[real], observations[real:].shape))
+    # every step of the lane is a real transition; the body fell more than once
+    np.testing.assert_array_equal(masks, 1.0)
+    ends = np.flatnonzero(dones)
+    assert len(ends) >= 2 and ends[0] > 1
+    first_end = int(ends[0])
+    # the step after the fall starts a new episode: its clock restarts at 0 and its
+    # state is a fresh start (near the initial pose), not the fallen body
+    starts = np.concatenate([[0], ends[:-1] + 1])
+    expected_clock = np.concatenate([np.arange(e - s + 1) for s, e in zip(starts, ends)]
+                                    + [np.arange(horizon - ends[-1] - 1)])
+    np.testing.assert_array_equal(timesteps, expected_clock)
+    fresh_gap = np.abs(observations[first_end + 1] - observations[0]).max()
+    fallen_gap = np.abs(observations[first_end] - observations[0]).max()
+    assert fresh_gap < 0.05 < fallen_gap
+    # discounted returns restart at the boundary
+    returns = np.asarray(discounted_returns(traj.rewards, traj.masks, 0.99, traj.dones))
+    # (float32: the within-episode sum is a difference of lane sums, ~1e-5 apart)
+    np.testing.assert_allclose(returns[first_end], rewards[first_end], atol=1e-4)
+    np.testing.assert_allclose(
+        returns[0], np.sum(0.99 ** np.arange(first_end + 1) * rewards[:first_end + 1]),
+        atol=1e-4)
+    # the episode return averages the episodes that ended inside the lane
+    ended_returns = [rewards[s:e + 1].sum() for s, e in zip(starts, ends)]
+    np.testing.assert_allclose(float(traj.mean_episode_return()), np.mean(ended_returns),
+                               rtol=1e-5)
+    assert float(traj.episode_count()) == len(ends)
 
 
 # ---------------------------------------------------------------------------------------
@@ -486,3 +572,28 @@ def test_sparse_ring_trains_from_dense_ring_demonstrations(tmp_path):
     np.testing.assert_array_equal(np.asarray(demos.tasks["goal"]), np.asarray(tasks["goal"]))
     with pytest.raises(ConfigError, match="ant-goal accepts demonstrations of 'ant-goal'"):
         load_demonstrations(path, make_env("ant-goal"))
+
+
+@pytest.mark.slow
+def test_a_fresh_walker_falls_and_the_phase_still_spends_its_budget():
+    """Through `metarl train`: a fresh policy's walker falls within the 200 steps of a
+    lane, so a phase holds more episodes than lanes; every step is a real transition,
+    so `env_steps` is the real transition count."""
+    from metarl_jax import trainer
+
+    config = trainer.resolve_config({"algo": "promp", "env": {"name": "walker-dir"},
+                                     "iterations": 1, "meta_batch_size": 2,
+                                     "episodes_per_task": 3, "hidden_sizes": [8]})
+    algorithm = trainer.build(config)[2]
+    state = algorithm.init(jax.random.PRNGKey(config.run.seed))
+    _, task_key, sample_key = jax.random.split(state.key, 3)
+    tasks = algorithm.env.sample_tasks(task_key, 2)
+    pre, post = jax.jit(lambda: sample_adaptation_phases(
+        algorithm.env, algorithm.policy, algorithm.config, state.params, tasks, sample_key))()
+    lanes, horizon = 2 * 3, algorithm.config.horizon
+    assert horizon == 200
+    real = float(jnp.sum(pre.masks) + jnp.sum(post.masks))
+    (record,) = trainer.train(config, progress=False)
+    assert record["env_steps"] == real == 2 * lanes * horizon
+    assert record["pre_episodes"] > lanes and record["post_episodes"] > lanes
+    assert record["pre_episodes"] == float(pre.episode_count())

@@ -1,26 +1,48 @@
-"""GMPS — guided meta-policy search (Mendonca et al., NeurIPS 2019), ALGORITHMS.md §4.
+"""GMPS — guided meta-policy search (Mendonca et al., NeurIPS 2019).
 
 Reinforcement learning in the inner loop, supervised imitation in the outer loop. Phase 1
 (per-task experts, or a demonstrations file) happens once, in `prepare`; phase 2 is the
 compiled `meta_iteration`, read top to bottom:
 
-1. M of the T meta-training tasks; N episodes per task from π_θ (θ_init = θ).
-2. The outer loss: per task, θ'_i = θ − α ⊙ ∇L_in(θ) with the importance-weighted PG
-   loss (α per parameter, learned, or a fixed scalar), then the imitation loss of θ'_i on
-   that task's expert data; `imitation_steps` Adam steps on the same batch (a scan),
+1. M of the T meta-training tasks. On them, GMPS's meta-test adaptation from the current
+   θ: N fresh episodes of π_θ, the plain policy-gradient step with the learned step
+   sizes (φ_i = θ − α ⊙ ∇L_PG(θ)), N fresh episodes of each π_φi. Their mean episode
+   returns are `pre_return` and `post_return`, measured as for every other algorithm.
+2. The outer loss on θ's episodes of step 1: per task, θ'_i = θ − α ⊙ ∇L_in(θ) with the
+   importance-weighted PG loss (π_θ/π_θinit, θ_init the sampling θ: at the first Adam
+   step it is the plain PG step of step 1), then the imitation loss of θ'_i on that
+   task's expert data; `imitation_steps` Adam steps on the same batch (a scan),
    differentiating through the inner step, θ, α and log σ all trained.
-3. The post-update phase: the adapted policies of the new θ roll out (post_return).
-4. DAgger, every `dagger_every` iterations: the states the adapted policies visited in
-   step 3 are labelled with the task's expert action and appended to a bounded per-task
-   buffer, held in the training state (so it is checkpointed with it).
+3. DAgger, every `dagger_every` iterations: the states the adapted policies φ_i visited
+   in step 1 are labelled with the task's expert action and written to that task's
+   DAgger buffer, a bounded ring beside its demonstrations (the demonstrations are never
+   displaced). The outer loss sees both. Both live in the training state, so they are
+   checkpointed with it.
 
-Meta-test (`adaptation_returns`): the ordinary policy-gradient step(s) from θ with the
-learned step sizes on new tasks, using only their reward.
+Expert labels (demonstrations and DAgger) are the experts' mean actions clipped to the
+environment's action bound in the policy's raw action space (`TaskEnv.raw_action_bound`),
+as the reference clips its experts' actions to its ±1 action box.
+
+The meta-policy by default appends a learned bias-transformation vector to the
+observation (`gmps.bias_transform_size` entries, initialised to 1; the reference's
+`..._adaptivestep_biastransform` policy), adapted by the inner step with a step size of
+its own like every other parameter.
+
+Environment steps (`env_steps`): 2·M·N·H per iteration, the two phases of step 1. θ's
+episodes serve both `pre_return` and the imitation batch, the adapted policies' episodes
+both `post_return` and DAgger, so measuring costs nothing beyond what training samples.
+The returns of iteration i are those of θ as it was when the iteration began (as for
+ProMP and MAML, whose metrics also come from the samples of the update). The experts'
+own steps are reported apart, as `expert_env_steps`.
+
+Meta-test (`adaptation_returns`): the same plain policy-gradient step(s) from θ with the
+learned step sizes, on new tasks, using only their reward.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import flax.struct
 import jax
@@ -28,16 +50,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from metarl_jax.algorithms.common import (MetaLearner, adaptation_returns,
-                                          standard_advantages)
-from metarl_jax.config import (ConfigError, SamplingConfig, at_least, field, one_of,
+from metarl_jax.algorithms.common import (MetaLearner, adaptation_returns, phase_returns,
+                                          sample_adaptation_phases)
+from metarl_jax.config import (ConfigError, SamplingConfig, at_least, check, field, one_of,
                                positive)
-from metarl_jax.distributed import shard_tasks
 from metarl_jax.envs.base import TaskEnv
 from metarl_jax.losses import (imitation_loss, importance_weighted_pg_loss, inner_update,
-                               log_likelihood_loss)
-from metarl_jax.policies import GaussianPolicy
-from metarl_jax.rollout import collect
+                               log_likelihood_loss, masked_mean)
+from metarl_jax.policies import ACTIVATIONS, BiasTransformPolicy, GaussianPolicy
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,12 +67,19 @@ class GMPSOptions:
     num_train_tasks: int = field(40, **at_least(1))  # T, the finite meta-training set
     expert_iterations: int = field(200, **at_least(1))  # PPO updates in experts mode
     expert_hidden_sizes: tuple[int, ...] = (64, 64)
+    expert_activation: str = field("tanh", **one_of(*ACTIVATIONS))
     learned_step_sizes: bool = True
     step_size_init: float = field(0.5, **positive())
+    # Learned entries appended to the meta-policy's observation; 0: the plain MLP.
+    bias_transform_size: int = field(4, **at_least(0))
     imitation: str = field("mse", **one_of("mse", "nll"))
     imitation_steps: int = field(500, **at_least(1))
+    # c > 1: the inner loss's importance weights π_θ/π_θinit clipped to [1/c, c] (the
+    # reference's `clip0.5_2.0` weight modifier is c = 2); 0: unclipped, its default.
+    importance_clip: float = field(0.0, **check(lambda v: v == 0 or v > 1, "0 or > 1"))
     dagger_every: int = field(0, **at_least(0))  # 0: no DAgger
-    buffer_size: int = field(2000, **at_least(1))  # per task, demonstrations included
+    demo_buffer_size: int = field(2000, **at_least(1))  # per task, >= its demonstrations
+    dagger_buffer_size: int = field(2000, **at_least(1))  # DAgger states per task (a ring)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,25 +97,45 @@ class GMPSState:
     key: jax.Array
     iteration: jax.Array
     train_tasks: dict  # the T meta-training tasks, leading axis T
-    buffer_observations: jax.Array  # [T, B, obs]
-    buffer_actions: jax.Array  # [T, B, act], the experts' actions
-    buffer_counts: jax.Array  # [T], filled entries
-    buffer_next: jax.Array  # [T], next write position (a ring once full)
+    demo_observations: jax.Array  # [T, D, obs], fixed after `prepare`
+    demo_actions: jax.Array  # [T, D, act], the experts' (clipped) actions
+    demo_counts: jax.Array  # [T], real demonstration steps
+    dagger_observations: jax.Array  # [T, B, obs], states the adapted policies visited
+    dagger_actions: jax.Array  # [T, B, act], their (clipped) expert labels
+    dagger_counts: jax.Array  # [T], filled entries
+    dagger_next: jax.Array  # [T], next write position (a ring once full)
     expert_params: dict  # experts, leading axis T (zeros when there are none)
 
 
 def append_to_buffer(observations, actions, counts, next_slot, new_observations,
                      new_actions, new_masks):
     """Appends the masked-in rows of `new_*` ([K, ...], mask [K]) to ONE task's ring
-    buffer ([B, ...]); once full, the oldest entries are overwritten."""
+    buffer ([B, ...]); once full, the oldest entries are overwritten. When more than B
+    rows come at once, the last B of them are kept (every slot is written at most once,
+    so the result never depends on the order of a scatter)."""
     capacity = observations.shape[0]
-    offsets = jnp.cumsum(new_masks.astype(jnp.int32)) - 1
-    slots = jnp.where(new_masks > 0, (next_slot + offsets) % capacity, capacity)  # drop
+    real = new_masks > 0
+    offsets = jnp.cumsum(real.astype(jnp.int32)) - 1
+    added = jnp.sum(real).astype(jnp.int32)
+    kept = real & (offsets >= added - capacity)
+    slots = jnp.where(kept, (next_slot + offsets) % capacity, capacity)  # else dropped
     observations = observations.at[slots].set(new_observations, mode="drop")
     actions = actions.at[slots].set(new_actions, mode="drop")
-    added = jnp.sum(new_masks > 0).astype(jnp.int32)
     return (observations, actions, jnp.minimum(counts + added, capacity),
             (next_slot + added) % capacity)
+
+
+def clipped_importance_weighted_pg_loss(policy: GaussianPolicy, params, batch,
+                                        clip: float):
+    """`importance_weighted_pg_loss` with the weights sg(π_θ/π_θinit) clipped to
+    [1/clip, clip]: as θ moves away from the sampling θ_init during the many imitation
+    steps on one batch, a narrow policy's weights can grow by orders of magnitude and
+    the inner step with them; clipped, the inner gradient stays bounded. At θ = θ_init
+    it is the plain policy gradient, as unclipped."""
+    log_probs = policy.log_prob(params, batch.observations, batch.actions)
+    log_weights = jnp.clip(jax.lax.stop_gradient(log_probs - batch.log_probs),
+                           -np.log(clip), np.log(clip))
+    return -masked_mean(log_probs * jnp.exp(log_weights) * batch.advantages, batch.masks)
 
 
 class GMPS(MetaLearner):
@@ -102,16 +149,17 @@ class GMPS(MetaLearner):
             raise ConfigError("config: meta_batch_size: at most gmps.num_train_tasks "
                               f"({config.gmps.num_train_tasks}) for gmps")
         env.check_training_task_count(config.gmps.num_train_tasks, "gmps.num_train_tasks")
+        g = config.gmps
+        if g.bias_transform_size > 0:
+            policy = BiasTransformPolicy(policy.observation_size, policy.action_size,
+                                         tuple(policy.hidden_sizes), policy.activation,
+                                         bias_size=g.bias_transform_size)
         super().__init__(config, env, policy)
         self.expert_policy = GaussianPolicy(env.observation_size, env.action_size,
-                                            tuple(config.gmps.expert_hidden_sizes))
+                                            tuple(g.expert_hidden_sizes), g.expert_activation)
+        self.action_bound = env.raw_action_bound()
         self.optimizer = optax.adam(config.outer_lr, b1=0.9, b2=0.999, eps=1e-8)
         self.expert_env_steps = 0
-
-    @property
-    def env_steps_per_iteration(self) -> int:
-        c = self.config
-        return 2 * c.meta_batch_size * c.episodes_per_task * c.horizon  # pre + post
 
     def host_counters(self) -> dict:
         """Reported in every metrics record: the experts' own environment steps, counted
@@ -124,7 +172,7 @@ class GMPS(MetaLearner):
         return self.config.inner_lr
 
     def init(self, key: jax.Array) -> GMPSState:
-        """A state of the right shapes, with an empty buffer; `prepare` fills it."""
+        """A state of the right shapes, with empty buffers; `prepare` fills them."""
         g = self.config.gmps
         init_key, task_key, key = jax.random.split(key, 3)
         theta = self.policy.init(init_key)
@@ -135,14 +183,16 @@ class GMPS(MetaLearner):
             params = {"policy": theta}
         experts = jax.vmap(self.expert_policy.init)(jax.random.split(key, g.num_train_tasks))
         experts = jax.tree.map(jnp.zeros_like, experts)
-        T, B = g.num_train_tasks, g.buffer_size
+        T, D, B = g.num_train_tasks, g.demo_buffer_size, g.dagger_buffer_size
+        obs, act = self.env.observation_size, self.env.action_size
         return GMPSState(
             params=params, opt_state=self.optimizer.init(params), key=key,
             iteration=jnp.zeros((), jnp.int32),
             train_tasks=self.env.training_tasks(task_key, T),
-            buffer_observations=jnp.zeros((T, B, self.env.observation_size)),
-            buffer_actions=jnp.zeros((T, B, self.env.action_size)),
-            buffer_counts=jnp.zeros((T,), jnp.int32), buffer_next=jnp.zeros((T,), jnp.int32),
+            demo_observations=jnp.zeros((T, D, obs)), demo_actions=jnp.zeros((T, D, act)),
+            demo_counts=jnp.zeros((T,), jnp.int32),
+            dagger_observations=jnp.zeros((T, B, obs)), dagger_actions=jnp.zeros((T, B, act)),
+            dagger_counts=jnp.zeros((T,), jnp.int32), dagger_next=jnp.zeros((T,), jnp.int32),
             expert_params=experts)
 
     def prepare(self, state: GMPSState, seed: int = 0) -> GMPSState:
@@ -159,16 +209,12 @@ class GMPS(MetaLearner):
         if T != g.num_train_tasks:
             raise ConfigError(f"config: gmps.num_train_tasks: {g.num_train_tasks}, but the "
                               f"demonstrations hold {T} tasks")
-        if D > g.buffer_size:
-            raise ConfigError(f"config: gmps.buffer_size: {g.buffer_size} is smaller than the "
-                              f"{D} demonstrations per task")
+        if D > g.demo_buffer_size:
+            raise ConfigError(f"config: gmps.demo_buffer_size: {g.demo_buffer_size} is "
+                              f"smaller than the {D} demonstration steps per task")
         if g.dagger_every > 0 and demos.expert_params is None:
             raise ConfigError("config: gmps.dagger_every: DAgger needs the experts to label "
                               "states, and the demonstrations file has none")
-        pad = g.buffer_size - D
-        observations = np.pad(demos.observations, ((0, 0), (0, pad), (0, 0)))
-        actions = np.pad(demos.actions, ((0, 0), (0, pad), (0, 0)))
-        counts = np.asarray(demos.counts, np.int32)
         expert_params = state.expert_params
         if demos.expert_params is not None:
             expert_params = jax.tree.map(jnp.asarray, demos.expert_params)
@@ -177,12 +223,23 @@ class GMPS(MetaLearner):
                                                        jax.tree.leaves(state.expert_params))):
                 raise ConfigError("config: gmps.expert_hidden_sizes: does not match the "
                                   "experts in the demonstrations file")
+            if demos.activation != g.expert_activation:
+                raise ConfigError(f"config: gmps.expert_activation: {g.expert_activation!r}, "
+                                  "but the experts in the demonstrations file use "
+                                  f"{demos.activation!r}")
+        pad = g.demo_buffer_size - D
+        observations = np.pad(demos.observations, ((0, 0), (0, pad), (0, 0)))
+        # Files may hold labels written without clipping: clip them here as well.
+        actions = demos.actions
+        if self.action_bound is not None:
+            actions = np.clip(actions, -self.action_bound, self.action_bound)
+        actions = np.pad(actions, ((0, 0), (0, pad), (0, 0)))
         self.expert_env_steps = int(demos.expert_env_steps)
         return state.replace(
             train_tasks=jax.tree.map(jnp.asarray, demos.tasks),
-            buffer_observations=jnp.asarray(observations, jnp.float32),
-            buffer_actions=jnp.asarray(actions, jnp.float32),
-            buffer_counts=jnp.asarray(counts), buffer_next=jnp.asarray(counts % g.buffer_size),
+            demo_observations=jnp.asarray(observations, jnp.float32),
+            demo_actions=jnp.asarray(actions, jnp.float32),
+            demo_counts=jnp.asarray(np.asarray(demos.counts), jnp.int32),
             expert_params=expert_params)
 
     def train_experts(self, tasks, seed: int):
@@ -193,7 +250,8 @@ class GMPS(MetaLearner):
         g = self.config.gmps
         config = experts_lib.ExpertConfig(
             num_tasks=g.num_train_tasks, iterations=g.expert_iterations,
-            horizon=self.config.horizon, hidden_sizes=tuple(g.expert_hidden_sizes), seed=seed)
+            horizon=self.config.horizon, hidden_sizes=tuple(g.expert_hidden_sizes),
+            activation=g.expert_activation, seed=seed)
         train_key, demo_key = jax.random.split(jax.random.PRNGKey(seed + 7919))
         expert_params, info = experts_lib.train_experts(self.env, tasks, config, train_key)
         demos = experts_lib.collect_demonstrations(
@@ -203,16 +261,20 @@ class GMPS(MetaLearner):
             env_name=self.env.name, observations=np.asarray(demos.observations),
             actions=np.asarray(demos.actions), counts=np.asarray(demos.counts),
             tasks=jax.device_get(tasks), expert_params=jax.device_get(expert_params),
-            hidden_sizes=tuple(g.expert_hidden_sizes),
+            hidden_sizes=tuple(g.expert_hidden_sizes), activation=g.expert_activation,
             expert_env_steps=int(info["env_steps"]) + int(demos.env_steps))
 
     def outer_loss(self, params, batch, demo_observations, demo_actions, demo_weights):
-        """mean_i imitation(θ'_i), θ'_i = θ − α ⊙ ∇L_in(θ; batch_i) (batch [M, N, H])."""
+        """mean_i imitation(θ'_i), θ'_i = θ − α ⊙ ∇L_in(θ; batch_i) (batch [M, N, H]),
+        on each task's expert data ([M, D, ...], `demo_weights` [M, D] masking padding)."""
         step_sizes = self.step_sizes(params)
+        clip = self.config.gmps.importance_clip
+        inner_loss = importance_weighted_pg_loss if clip == 0 else functools.partial(
+            clipped_importance_weighted_pg_loss, clip=clip)
 
         def task_loss(task_batch, observations, actions, weights):
-            adapted = inner_update(importance_weighted_pg_loss, self.policy, params["policy"],
-                                   task_batch, step_sizes)
+            adapted = inner_update(inner_loss, self.policy, params["policy"], task_batch,
+                                   step_sizes)
             return imitation_loss(self.policy, adapted, observations, actions, weights,
                                   self.config.gmps.imitation)
 
@@ -225,53 +287,63 @@ class GMPS(MetaLearner):
                                   num_tasks, adapt_steps, episodes_per_task,
                                   log_likelihood_loss, inner_lr=self.step_sizes(params))
 
+    def expert_data(self, state: GMPSState, task_ids):
+        """The imitation targets of tasks `task_ids`: their demonstrations, then (with
+        DAgger) their DAgger buffers; observations, labels and 0/1 weights."""
+        g = self.config.gmps
+
+        def filled(counts, size):
+            return (jnp.arange(size)[None, :] < counts[task_ids][:, None]).astype(jnp.float32)
+
+        observations = [state.demo_observations[task_ids]]
+        actions = [state.demo_actions[task_ids]]
+        weights = [filled(state.demo_counts, g.demo_buffer_size)]
+        if g.dagger_every > 0:
+            observations.append(state.dagger_observations[task_ids])
+            actions.append(state.dagger_actions[task_ids])
+            weights.append(filled(state.dagger_counts, g.dagger_buffer_size))
+        return tuple(jnp.concatenate(parts, axis=1) for parts in (observations, actions,
+                                                                  weights))
+
     def meta_iteration(self, state: GMPSState):
         c, g = self.config, self.config.gmps
-        key, choice_key, sample_key, post_key = jax.random.split(state.key, 4)
+        key, choice_key, sample_key = jax.random.split(state.key, 3)
 
-        # 1. M of the T training tasks; episodes of π_θ with their advantages.
+        # 1. M of the T training tasks; meta-test adaptation from θ on them.
         task_ids = jax.random.choice(choice_key, g.num_train_tasks, (c.meta_batch_size,),
                                      replace=False)
-        tasks = shard_tasks(jax.tree.map(lambda x: x[task_ids], state.train_tasks))
-        theta = state.params["policy"]
-        batch = standard_advantages(collect(self.env, self.policy, theta, tasks, sample_key,
-                                            c.episodes_per_task, c.horizon,
-                                            per_task_params=False), c)
-        demo_observations = state.buffer_observations[task_ids]
-        demo_actions = state.buffer_actions[task_ids]
-        demo_weights = (jnp.arange(g.buffer_size)[None, :]
-                        < state.buffer_counts[task_ids][:, None]).astype(jnp.float32)
+        tasks = jax.tree.map(lambda x: x[task_ids], state.train_tasks)
+        pre_batches, post_batch = sample_adaptation_phases(
+            self.env, self.policy, c, state.params["policy"], tasks, sample_key,
+            inner_loss=log_likelihood_loss, inner_lr=self.step_sizes(state.params))
+        batch = jax.tree.map(lambda x: x[:, 0], pre_batches)  # θ's episodes, [M, N, H]
 
-        # 2. Many Adam steps of imitation through the inner step, on this batch.
+        # 2. Many Adam steps of imitation through the inner step, on θ's batch.
+        expert_observations, expert_labels, expert_weights = self.expert_data(state, task_ids)
+
         def imitation_step(carry, _):
             params, opt_state = carry
             loss, grads = jax.value_and_grad(self.outer_loss)(
-                params, batch, demo_observations, demo_actions, demo_weights)
+                params, batch, expert_observations, expert_labels, expert_weights)
             updates, opt_state = self.optimizer.update(grads, opt_state, params)
             return (optax.apply_updates(params, updates), opt_state), loss
 
         (params, opt_state), losses = jax.lax.scan(
             imitation_step, (state.params, state.opt_state), None, length=g.imitation_steps)
 
-        # 3. The adapted policies of the new θ roll out.
-        adapted = jax.vmap(inner_update, in_axes=(None, None, None, 0, None))(
-            importance_weighted_pg_loss, self.policy, params["policy"], batch,
-            self.step_sizes(params))
-        post = collect(self.env, self.policy, adapted, tasks, post_key, c.episodes_per_task,
-                       c.horizon)
-
-        # 4. DAgger: label the visited states with the experts' actions, append.
-        buffers = (state.buffer_observations, state.buffer_actions, state.buffer_counts,
-                   state.buffer_next)
+        # 3. DAgger: the adapted policies' states, labelled by the experts, to the ring.
+        buffers = (state.dagger_observations, state.dagger_actions, state.dagger_counts,
+                   state.dagger_next)
         if g.dagger_every > 0:
             def aggregate(buffers):
+                from metarl_jax.experts import expert_actions
+
                 observations, actions, counts, next_slot = buffers
-                visited = post.observations.reshape(c.meta_batch_size, -1,
-                                                    self.env.observation_size)
-                masks = post.masks.reshape(c.meta_batch_size, -1)
-                experts = jax.tree.map(lambda x: x[task_ids], state.expert_params)
-                labels = jax.vmap(lambda p, o: self.expert_policy.distribution(p, o)[0])(
-                    experts, visited)
+                visited = post_batch.observations.reshape(c.meta_batch_size, -1,
+                                                          self.env.observation_size)
+                masks = post_batch.masks.reshape(c.meta_batch_size, -1)
+                labels = expert_actions(self.expert_policy, state.expert_params, task_ids,
+                                        visited, self.action_bound)
                 updated = jax.vmap(append_to_buffer)(
                     observations[task_ids], actions[task_ids], counts[task_ids],
                     next_slot[task_ids], visited, labels, masks)
@@ -281,16 +353,15 @@ class GMPS(MetaLearner):
             due = (state.iteration + 1) % g.dagger_every == 0
             buffers = jax.lax.cond(due, aggregate, lambda b: b, buffers)
 
-        metrics = {"pre_return": jnp.mean(batch.episode_returns()),
-                   "post_return": jnp.mean(post.episode_returns()),
+        metrics = {**phase_returns(pre_batches, post_batch),
                    "imitation_loss_first": losses[0], "imitation_loss": losses[-1],
-                   "buffer_fill": jnp.mean(buffers[2].astype(jnp.float32)),
+                   "dagger_fill": jnp.mean(buffers[2].astype(jnp.float32)),
                    "policy_std": jnp.mean(jnp.exp(params["policy"]["params"]["log_std"]))}
         if g.learned_step_sizes:
             metrics["step_size"] = jnp.mean(jnp.concatenate(
                 [jnp.ravel(a) for a in jax.tree.leaves(params["step_sizes"])]))
         new_state = state.replace(params=params, opt_state=opt_state, key=key,
                                   iteration=state.iteration + 1,
-                                  buffer_observations=buffers[0], buffer_actions=buffers[1],
-                                  buffer_counts=buffers[2], buffer_next=buffers[3])
+                                  dagger_observations=buffers[0], dagger_actions=buffers[1],
+                                  dagger_counts=buffers[2], dagger_next=buffers[3])
         return new_state, metrics

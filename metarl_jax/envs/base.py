@@ -55,6 +55,11 @@ class TaskEnv(abc.ABC):
     horizon: int
     task_distribution: str
     backend: str | None = None
+    # What a lane does when an episode ends before its H steps are up (metarl_jax.rollout):
+    # "reset" starts a fresh episode of the same task, "idle" masks the rest of the lane.
+    episode_end: str = "reset"
+    # False when `step` never reports done; the rollout then computes no fresh episodes.
+    can_terminate: bool = True
     # Other task distributions whose demonstration files serve this one: the same tasks,
     # observations and dynamics under a denser reward (GMPS's experts may see it).
     demonstration_sources: tuple[str, ...] = ()
@@ -70,6 +75,12 @@ class TaskEnv(abc.ABC):
     @abc.abstractmethod
     def step(self, state: EnvState, action: jax.Array, task: Task) -> EnvState:
         """Applies the policy's raw `action` (scaling and clipping happen here)."""
+
+    def raw_action_bound(self) -> float | None:
+        """The bound b of the box [-b, b] (per coordinate, in the policy's raw action
+        space) outside which `step` clips the action, so that actions beyond it act as
+        the bound itself; None when `step` does not clip."""
+        return None
 
     def task_set(self) -> Task | None:
         """The finite set of tasks the distribution draws from, leading axis the set

@@ -2,9 +2,10 @@
 
 Each task wraps one stock Brax environment and replaces its reward with the task's own,
 computed from the quantities Brax reports in `state.metrics` and from the environment
-action (after the ±10 → ±1 scaling), so the reward formulas read exactly as in
-ENVIRONMENTS.md. Termination (unhealthy ant, walker, hopper, humanoid) comes from Brax's
-own `done`; the rollout freezes the simulator there and masks the steps after it.
+action (after the ±10 → ±1 scaling; GMPS's ant ring acts in the ±1 box itself), so the
+reward formulas read exactly as in the task tables. Termination (unhealthy ant, walker,
+hopper, humanoid) comes from Brax's own `done`; the rollout then starts a fresh episode
+of the same task in that lane.
 
 Physics-parameter tasks (`*-params`) carry their own scale factors and rebuild the Brax
 `System` from them inside the traced step, so tasks with different physics run side by
@@ -93,6 +94,9 @@ class BraxTaskEnv(TaskEnv):
         if horizon is not None:
             self.horizon = horizon
 
+    def raw_action_bound(self):
+        return self.action_scale  # `scale_locomotion_action` clips a / scale to ±1
+
     def simulator(self, task):
         """The Brax environment that runs `task`: the shared one, unless the task
         changes the physics."""
@@ -122,6 +126,7 @@ class HalfCheetahDirection(BraxTaskEnv):
     name = "halfcheetah-dir"
     brax_name = "halfcheetah"
     horizon = 100
+    can_terminate = False  # Brax's halfcheetah never reports done
     task_distribution = "direction d in {-1, +1}; reward d*v_x - 0.05||a||^2"
     ctrl_cost_weight = 0.05
 
@@ -137,6 +142,7 @@ class HalfCheetahVelocity(BraxTaskEnv):
     name = "halfcheetah-vel"
     brax_name = "halfcheetah"
     horizon = 100
+    can_terminate = False  # Brax's halfcheetah never reports done
     task_distribution = "target velocity v* ~ U[0, 2]; reward -|v_x - v*| - 0.05||a||^2"
     ctrl_cost_weight = 0.05
 
@@ -244,19 +250,31 @@ def ring_goals(num_goals: int = 40, radius: float = 2.0) -> jax.Array:
 class AntGoalRing(BraxTaskEnv):
     """Ant walking to one of 40 goals on a quarter circle of radius 2 (GMPS).
 
-    The reward's goal term is `-||xy - g||_1 + 4`; the control cost uses the ant-goal
-    weight 0.1 (ENVIRONMENTS.md leaves it unnamed). The finite task set is exposed by
-    `task_set()`, which GMPS uses as its meta-training tasks.
+    As GMPS's own ant environment (`ant_env_rand_goal_ring.py`, run through rllab's
+    normalised ±1 action box), not ProMP's ant tasks:
+    - the policy acts in the simulator's own ±1 box (`action_scale` 1): the environment
+      receives `clip(a, -1, 1)`;
+    - reward `-||xy - g||_1 + 4 - 0.005||a/s||^2 - contact + 0.05`, with a the
+      environment action and s = 1 the half-width of the simulator's action box;
+    - the episode terminates when the torso height leaves [0.2, 1.0];
+    - the torso's x, y are part of the observation.
+    Brax's ant reports no contact forces, so the contact term is 0 here. The finite task
+    set is exposed by `task_set()`, which GMPS uses as its meta-training tasks.
     """
 
     name = "ant-goal-ring"
     brax_name = "ant"
-    brax_options = (("exclude_current_positions_from_observation", False),)
+    healthy_z_range = (0.2, 1.0)
+    brax_options = (("exclude_current_positions_from_observation", False),
+                    ("healthy_z_range", healthy_z_range), ("terminate_when_unhealthy", True))
     horizon = 200
     task_distribution = ("one of 40 goals on the quarter circle of radius 2; "
-                         "reward -||xy - g||_1 + 4 - 0.1||a||^2 - contact; "
-                         "terminates when unhealthy")
-    ctrl_cost_weight = 0.1
+                         "reward -||xy - g||_1 + 4 - 0.005||a||^2 - contact + 0.05, "
+                         "a in the ±1 box; terminates when the torso height leaves "
+                         "[0.2, 1]")
+    action_scale = 1.0
+    ctrl_cost_weight = 0.005
+    survive_reward = 0.05
     num_goals = 40
     sparse = False
     sparse_radius = 0.8
@@ -279,8 +297,10 @@ class AntGoalRing(BraxTaskEnv):
 
     def task_reward(self, metrics, env_action, task):
         contact_cost = -metrics["reward_contact"]
+        # The simulator's action box is ±1, so a / s is the environment action itself.
         return (self.goal_reward(_planar_position(metrics), task["goal"])
-                - self.ctrl_cost_weight * jnp.sum(env_action ** 2) - contact_cost)
+                - self.ctrl_cost_weight * jnp.sum(env_action ** 2) - contact_cost
+                + self.survive_reward)
 
 
 class AntGoalRingSparse(AntGoalRing):
@@ -289,7 +309,8 @@ class AntGoalRingSparse(AntGoalRing):
     demonstration_sources = ("ant-goal-ring",)
     task_distribution = ("one of 40 goals on the quarter circle of radius 2; goal term "
                          "-||xy - g||_1 + 4 inside 0.8 of g, else -||g||_1 + 4; "
-                         "- 0.1||a||^2 - contact; terminates when unhealthy")
+                         "- 0.005||a||^2 - contact + 0.05, a in the ±1 box; terminates "
+                         "when the torso height leaves [0.2, 1]")
 
 
 class WalkerDirection(BraxTaskEnv):
