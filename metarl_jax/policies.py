@@ -1,4 +1,4 @@
-"""The Gaussian MLP policy of ALGORITHMS.md §0 and diagonal-Gaussian helpers.
+"""The Gaussian MLP policy of docs/algorithms.md §0 and diagonal-Gaussian helpers.
 
 Parameters are a plain pytree (`{"params": {...}}` from flax), so inner adaptation is
 ordinary arithmetic on pytrees and every leaf, `log_std` included, is adapted.
