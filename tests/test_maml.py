@@ -26,6 +26,22 @@ def build(algo, **overrides):
     return trainer.build(config)[2]
 
 
+def assert_fast_kl_hvp_is_exact(algorithm, theta, pre, post):
+    """`meta_kl_hvp` (Gauss–Newton, factored) against autodiff's Hessian of the meta KL
+    at the sampling θ, in float64."""
+    from jax.flatten_util import ravel_pytree
+
+    from metarl_jax.optim import hessian_vector_product
+
+    flat = ravel_pytree(theta)[0]
+    vector = jax.random.normal(jax.random.PRNGKey(3), flat.shape, jnp.float64)
+    exact = hessian_vector_product(lambda t: algorithm.meta_kl(t, pre, post), theta)(vector)
+    fast = algorithm.meta_kl_hvp(theta, pre, post)(vector)
+    assert float(algorithm.meta_kl(theta, pre, post)) < 1e-20  # at the sampling θ
+    np.testing.assert_allclose(np.asarray(fast), np.asarray(exact), rtol=1e-7, atol=1e-12)
+    assert float(jnp.linalg.norm(exact)) > 1e-3
+
+
 def sampled(algorithm, seed=0):
     state = algorithm.init(jax.random.PRNGKey(seed))
     tasks = algorithm.env.sample_tasks(jax.random.PRNGKey(seed + 1), 3)
@@ -190,13 +206,7 @@ def test_gauss_newton_kl_product_equals_autodiff_hessian_at_sampling_parameters(
         pre, post = sample_adaptation_phases(algorithm.env, algorithm.policy, algorithm.config,
                                              theta, tasks, jax.random.PRNGKey(2),
                                              algorithm.inner_loss, algorithm.process)
-        flat = ravel_pytree(theta)[0]
-        vector = jax.random.normal(jax.random.PRNGKey(3), flat.shape, jnp.float64)
-        exact = hessian_vector_product(lambda t: algorithm.meta_kl(t, pre, post), theta)(vector)
-        fast = algorithm.meta_kl_hvp(theta, pre, post)(vector)
-        assert float(algorithm.meta_kl(theta, pre, post)) < 1e-20  # at the sampling θ
-        np.testing.assert_allclose(np.asarray(fast), np.asarray(exact), rtol=1e-7, atol=1e-12)
-        assert float(jnp.linalg.norm(exact)) > 1e-3
+        assert_fast_kl_hvp_is_exact(algorithm, theta, pre, post)
 
 
 def test_dice_cumulative_log_likelihood_restarts_with_each_episode():
@@ -388,13 +398,7 @@ def test_gauss_newton_kl_product_is_exact_under_the_options(algo, averaging, kl_
                                              algorithm.inner_loss, algorithm.process)
         pre = with_episode_pattern(pre)  # [M, K, 3, H]
         post = relabelled(algorithm, theta, pre, with_episode_pattern(post))
-        flat = ravel_pytree(theta)[0]
-        vector = jax.random.normal(jax.random.PRNGKey(3), flat.shape, jnp.float64)
-        exact = hessian_vector_product(lambda t: algorithm.meta_kl(t, pre, post), theta)(vector)
-        fast = algorithm.meta_kl_hvp(theta, pre, post)(vector)
-        assert float(algorithm.meta_kl(theta, pre, post)) < 1e-20  # at the sampling θ
-        np.testing.assert_allclose(np.asarray(fast), np.asarray(exact), rtol=1e-7, atol=1e-12)
-        assert float(jnp.linalg.norm(exact)) > 1e-3
+        assert_fast_kl_hvp_is_exact(algorithm, theta, pre, post)
 
 
 def test_trpo_iteration_with_both_options_keeps_the_kl_bound():
