@@ -19,15 +19,15 @@ import jax
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from meta_iteration import SETTINGS, append_results  # noqa: E402
-from metarl_jax import trainer  # noqa: E402
+from metarl_jax import run_config  # noqa: E402
 
 
 def seconds_per_iteration(algo: str, setting: str, fuse: int, calls: int) -> float:
     env_name, meta_batch, episodes, horizon = SETTINGS[setting]
-    config = trainer.resolve_config({
+    config = run_config.resolve_config({
         "algo": algo, "env": {"name": env_name}, "meta_batch_size": meta_batch,
         "episodes_per_task": episodes, "horizon": horizon})
-    _, _, algorithm = trainer.build(config)
+    _, _, algorithm = run_config.build(config)
     state = algorithm.init(jax.random.PRNGKey(0))
 
     def fused(state):

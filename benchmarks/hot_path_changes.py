@@ -33,7 +33,7 @@ import jax
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from meta_iteration import SETTINGS, append_results  # noqa: E402
 
-from metarl_jax import losses, optim, policies, trainer  # noqa: E402
+from metarl_jax import losses, optim, policies, run_config  # noqa: E402
 from metarl_jax.algorithms import maml  # noqa: E402
 
 
@@ -103,10 +103,10 @@ CHANGES = {
 
 def compile_variant(algo: str, patches) -> tuple:
     env_name, meta_batch, episodes, horizon = SETTINGS["point-nav"]
-    run_config = trainer.resolve_config({
+    run_config = run_config.resolve_config({
         "algo": algo, "env": {"name": env_name}, "meta_batch_size": meta_batch,
         "episodes_per_task": episodes, "horizon": horizon})
-    _, _, algorithm = trainer.build(run_config)
+    _, _, algorithm = run_config.build(run_config)
     state = algorithm.init(jax.random.PRNGKey(0))
     with contextlib.ExitStack() as stack:
         for obj, name, value in patches:

@@ -24,7 +24,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from metarl_jax import trainer
+from metarl_jax import run_config
 from metarl_jax.algorithms import ALGORITHMS
 from metarl_jax import distributed
 from metarl_jax.algorithms.common import broadcast_to_tasks
@@ -87,10 +87,10 @@ def bench(algo: str, env_name: str, meta_batch: int, episodes: int, horizon: int
     """Compile time, seconds per meta-iteration and the rollout-only floor of one setting,
     with the tasks sharded over `devices` devices (as `metarl train` shards them)."""
     name = name or env_name
-    run_config = trainer.resolve_config({
+    run_config = run_config.resolve_config({
         "algo": algo, "env": {"name": env_name, "backend": backend},
         "meta_batch_size": meta_batch, "episodes_per_task": episodes, "horizon": horizon})
-    env, policy, algorithm = trainer.build(run_config)
+    env, policy, algorithm = run_config.build(run_config)
     config = algorithm.config
     sharding = distributed.task_sharding(devices)
     distributed.check_divisible(meta_batch, sharding)

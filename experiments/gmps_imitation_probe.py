@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from metarl_jax import trainer
+from metarl_jax import run_config
 from metarl_jax.algorithms.common import standard_advantages
 from metarl_jax.config import load_yaml, merge, parse_overrides
 from metarl_jax.rollout import collect
@@ -25,7 +25,7 @@ REDUCED = ["env.backend=spring", "meta_batch_size=8", "episodes_per_task=10", "h
 def main():
     raw = merge(load_yaml("experiments/gmps_ant_goal_ring.yaml"),
                 parse_overrides([*REDUCED, *sys.argv[1:]]))
-    env, _, gmps = trainer.build(trainer.resolve_config(raw))
+    env, _, gmps = run_config.build(run_config.resolve_config(raw))
     policy, config = gmps.policy, gmps.config  # the meta-policy (bias-transformed)
     state = gmps.prepare(gmps.init(jax.random.PRNGKey(0)))
 

@@ -22,7 +22,7 @@ import jax
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from metarl_jax import trainer
+from metarl_jax import run_config, trainer
 from metarl_jax.algorithms.common import sample_adaptation_phases
 from metarl_jax.checkpoints import Checkpointer
 
@@ -61,14 +61,14 @@ def main():
                         help="DiCE on γ^t r_t without the linear baseline")
     args = parser.parse_args()
 
-    base = {**trainer.DEFAULT_EXPERIMENT, "env": {"name": args.env}, "seed": args.seed,
+    base = {**run_config.DEFAULT_EXPERIMENT, "env": {"name": args.env}, "seed": args.seed,
             "iterations": args.iterations, "checkpoint_every": 10,
             "keep_checkpoints": args.iterations // 10 + 1}
-    run_config = trainer.resolve_config({**base, "algo": "lvc-vpg"})
+    lvc_config = run_config.resolve_config({**base, "algo": "lvc-vpg"})
     if not os.path.exists(os.path.join(args.out, "checkpoints", str(args.iterations))):
-        trainer.train(run_config, args.out, force=True, progress=True)
+        trainer.train(lvc_config, args.out, force=True, progress=True)
 
-    estimators = {name: trainer.build(trainer.resolve_config(
+    estimators = {name: run_config.build(run_config.resolve_config(
         {**base, "algo": name,
          **({"dice_baseline": not args.no_dice_baseline} if name == "dice-vpg" else {})}))[2]
         for name in ("lvc-vpg", "dice-vpg")}

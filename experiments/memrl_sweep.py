@@ -11,7 +11,7 @@ import argparse
 import os
 import statistics
 
-from metarl_jax import trainer
+from metarl_jax import run_config, trainer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -27,12 +27,12 @@ def main():
     rows = []
     for lam in args.lambdas:
         for steps in args.steps:
-            config = trainer.resolve_config({
-                **trainer.DEFAULT_EXPERIMENT, "algo": "memrl", "seed": args.seed,
+            config = run_config.resolve_config({
+                **run_config.DEFAULT_EXPERIMENT, "algo": "memrl", "seed": args.seed,
                 "iterations": args.iterations, "proximal_lambda": lam, "inner_steps": steps,
                 "inner_lr": 0.1, "meta_lr": 1.0, "meta_optimizer": "sgd"})
             try:
-                history = trainer.train(config, progress=False)
+                history = trainer.train(config, progress=False).history
                 window = [r for r in history if r["iteration"] > 0.8 * args.iterations]
                 post = statistics.fmean(r["post_return"] for r in window)
                 pre = statistics.fmean(r["pre_return"] for r in window)

@@ -5,14 +5,44 @@ key, iteration, algorithm state such as KL coefficients) plus a small JSON recor
 host-side counters (environment steps, elapsed time). Orbax writes each step into a
 temporary directory and renames it into place when complete, so a process killed
 mid-write leaves the earlier checkpoints untouched and the partial one invisible.
+
+Every checkpoint also records a SHA-256 digest of the state's array data. A checkpoint
+whose data no longer matches its digest (a flipped bit on disk, a truncated file), or
+that cannot be read at all, is skipped with a warning by `restore_latest_intact`, which
+falls back to the newest intact one.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import sys
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+
+DIGEST_KEY = "state_sha256"
+
+
+class CorruptCheckpoint(RuntimeError):
+    """A checkpoint's array data does not match the digest saved with it."""
+
+
+class NoIntactCheckpoint(RuntimeError):
+    """Checkpoints exist but none can be restored intact."""
+
+
+def state_digest(state) -> str:
+    """SHA-256 over every leaf's path, dtype, shape and bytes, in tree order."""
+    digest = hashlib.sha256()
+    for path, leaf in jax.tree_util.tree_leaves_with_path(state):
+        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+            leaf = leaf.addressable_data(0)  # replicated: every copy is the same
+        array = np.ascontiguousarray(np.asarray(leaf))
+        digest.update(f"{jax.tree_util.keystr(path)}|{array.dtype}|{array.shape}|".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
 
 
 class Checkpointer:
@@ -25,6 +55,7 @@ class Checkpointer:
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     def save(self, iteration: int, state, host_info: dict) -> None:
+        host_info = {**host_info, DIGEST_KEY: state_digest(state)}
         self.manager.save(iteration, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), host=ocp.args.JsonSave(host_info)),
             force=True)
@@ -40,6 +71,7 @@ class Checkpointer:
         """Returns (state, host_info) of `iteration` (default: the latest).
 
         `template_state` gives the tree structure, shapes and dtypes (an `init` state).
+        Raises CorruptCheckpoint when the restored data does not match its digest.
         """
         if iteration is None:
             iteration = self.latest_iteration()
@@ -48,7 +80,38 @@ class Checkpointer:
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template_state)
         restored = self.manager.restore(iteration, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract), host=ocp.args.JsonRestore()))
-        return restored["state"], dict(restored["host"])
+        state, host = restored["state"], dict(restored["host"])
+        expected = host.pop(DIGEST_KEY, None)  # None: written without one
+        if expected is not None and state_digest(state) != expected:
+            raise CorruptCheckpoint(f"checkpoint {iteration} in {self.directory}: its data "
+                                    "does not match the digest saved with it")
+        return state, host
+
+    def restore_latest_intact(self, template_state):
+        """(iteration, state, host_info) of the newest checkpoint that restores and
+        matches its digest; None when there is no checkpoint at all.
+
+        Raises NoIntactCheckpoint when there are checkpoints but none is intact.
+        """
+        skipped = []
+        for iteration in reversed(self.all_iterations()):
+            try:
+                state, host = self.restore(template_state, iteration)
+            except CorruptCheckpoint:
+                reason = "its data does not match the digest saved with it"
+            except Exception as error:  # unreadable: corrupt metadata or array files
+                reason = f"cannot be read ({type(error).__name__}: {str(error)[:120]})"
+            else:
+                return iteration, state, host
+            skipped.append(iteration)
+            print(f"warning: checkpoint {iteration} in {self.directory} is corrupt ({reason}); "
+                  "skipping it", file=sys.stderr)
+        if skipped:
+            raise NoIntactCheckpoint(
+                f"no intact checkpoint in {self.directory}: "
+                f"{', '.join(map(str, skipped))} are corrupt; the run cannot be resumed "
+                "(start it again without --resume, with --force)")
+        return None
 
     def close(self) -> None:
         self.manager.close()

@@ -10,8 +10,13 @@ import yaml
 
 from metarl_jax.config import ConfigError, load_yaml, merge, parse_overrides
 
-EXIT_CONFIG_ERROR = 2
-EXIT_DIVERGED = 3
+# Exit statuses of `metarl train` (the README's run section lists them).
+EXIT_CONFIG_ERROR = 2  # refused before running: bad configuration or input file
+EXIT_DIVERGED = 3  # non-finite loss or parameters; the last good iteration is checkpointed
+EXIT_RUN_DIRECTORY = 4  # the run directory is in use by another process, or has no
+#                         intact checkpoint to resume from
+EXIT_PREEMPTED = 75  # SIGTERM: the last completed iteration is checkpointed; resume it
+EXIT_INTERRUPTED = 130  # Ctrl-C, likewise checkpointed
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -54,7 +59,7 @@ def train(algo, env_name, config_path, overrides, iterations, seed, devices, cpu
     setting, and, when neither --algo nor --env (nor the file) names one, the built-in
     experiment (ProMP on point-nav, 100 iterations); then the --config file, the flags
     and --set."""
-    from metarl_jax import distributed, trainer
+    from metarl_jax import distributed, run_config, run_dir, trainer
 
     if cpu_devices is not None:
         try:
@@ -74,9 +79,9 @@ def train(algo, env_name, config_path, overrides, iterations, seed, devices, cpu
                 raise ConfigError(f"config: {conflicting[0]}: not allowed with --resume, which "
                                   "takes the configuration saved in the run "
                                   "(only --iterations and --quiet may be given)")
-            config = trainer.load_run_config(resume_dir)
+            config = run_dir.load_run_config(resume_dir)
             if iterations is not None:
-                config = trainer.resolve_config({**config.to_dict(), "iterations": iterations})
+                config = run_config.resolve_config({**config.to_dict(), "iterations": iterations})
             out_dir = resume_dir
         else:
             # The task's published setting and the built-in experiment are filled in by
@@ -87,7 +92,7 @@ def train(algo, env_name, config_path, overrides, iterations, seed, devices, cpu
             if env_name is not None:
                 raw = merge(raw, {"env": {"name": env_name}})
             raw = merge(raw, parse_overrides(overrides))
-            config = trainer.resolve_config(raw)
+            config = run_config.resolve_config(raw)
         if print_config:
             click.echo(yaml.safe_dump(config.to_dict(), sort_keys=False), nl=False)
             return
@@ -97,25 +102,27 @@ def train(algo, env_name, config_path, overrides, iterations, seed, devices, cpu
                                                f"_seed{config.run.seed}")
             import jax
 
-            if jax.process_index() == 0:  # one process checks and clears the directory
-                trainer.prepare_output_dir(out_dir, force)
+            if jax.process_index() == 0:  # refused here; cleared once it is locked
+                run_dir.check_new_output_dir(out_dir, force)
     except ConfigError as error:
         click.echo(f"error: {error}", err=True)
         sys.exit(EXIT_CONFIG_ERROR)
 
     try:
-        history = trainer.train(config, out_dir, force=True, resume=resume_dir is not None,
-                                progress=not quiet)
+        history = trainer.train(config, out_dir, force=force,
+                                resume=resume_dir is not None, progress=not quiet).history
     except ConfigError as error:  # found while preparing (a demonstrations file, say)
         click.echo(f"error: {error}", err=True)
         sys.exit(EXIT_CONFIG_ERROR)
+    except run_dir.RunDirectoryError as error:
+        click.echo(f"error: {error}", err=True)
+        sys.exit(EXIT_RUN_DIRECTORY)
     except trainer.TrainingDiverged as error:
         click.echo(f"error: {error}", err=True)
         sys.exit(EXIT_DIVERGED)
-    except KeyboardInterrupt:
-        click.echo(f"interrupted: the last completed iteration is checkpointed in {out_dir}; "
-                   f"continue with `metarl train --resume {out_dir}`", err=True)
-        sys.exit(130)
+    except trainer.Stopped as error:
+        click.echo(f"{error}; continue with `metarl train --resume {out_dir}`", err=True)
+        sys.exit(EXIT_PREEMPTED if isinstance(error, trainer.Preempted) else EXIT_INTERRUPTED)
     if not history:
         click.echo(f"nothing to do: {out_dir} already ran {config.run.iterations} iterations")
         return

@@ -14,7 +14,7 @@ A run's configuration is flat, with the names of the papers' hyperparameters, pl
 Every value is checked (known key, type, range) before anything is built or compiled,
 and a mistake raises `ConfigError` whose one-line message names the field and what is
 allowed. The defaults a run gets from its task (the published settings) and the
-built-in experiment are filled in by `metarl_jax.trainer.resolve_config`.
+built-in experiment are filled in by `metarl_jax.run_config.resolve_config`.
 """
 
 from __future__ import annotations

@@ -10,7 +10,8 @@ import jax
 import numpy as np
 
 from metarl_jax.checkpoints import Checkpointer
-from metarl_jax.trainer import CHECKPOINT_DIR, build, load_run_config
+from metarl_jax.run_config import build
+from metarl_jax.run_dir import CHECKPOINT_DIR, EVAL_FILE, load_run_config
 
 # Evaluation draws its tasks from a key stream disjoint from training's, so the tasks
 # are fresh draws (held out) even for the training seed.
@@ -34,8 +35,14 @@ def evaluate(run_dir: str, num_tasks: int = 40, adapt_steps: int | None = None,
     _, _, algorithm = build(config)
     checkpointer = Checkpointer(os.path.join(run_dir, CHECKPOINT_DIR))
     try:
-        state, host = checkpointer.restore(algorithm.init(jax.random.PRNGKey(0)), iteration)
-        iteration = iteration or checkpointer.latest_iteration()
+        template = algorithm.init(jax.random.PRNGKey(0))
+        if iteration is None:  # the newest intact one
+            found = checkpointer.restore_latest_intact(template)
+            if found is None:
+                raise FileNotFoundError(f"no checkpoint in {checkpointer.directory}")
+            iteration, state, host = found
+        else:
+            state, host = checkpointer.restore(template, iteration)
     finally:
         checkpointer.close()
 
@@ -54,7 +61,7 @@ def evaluate(run_dir: str, num_tasks: int = 40, adapt_steps: int | None = None,
         "return_stderr": [float(s) for s in stderrs],
     }
     if write:
-        with open(os.path.join(run_dir, "eval.json"), "w") as f:
+        with open(os.path.join(run_dir, EVAL_FILE), "w") as f:
             json.dump(result, f, indent=2)
     return result
 

@@ -7,7 +7,7 @@ from collections import defaultdict
 
 import numpy as np
 
-from metarl_jax.trainer import load_run_config, read_metrics
+from metarl_jax.run_dir import load_run_config, read_metrics
 
 
 def _pyplot():

@@ -22,6 +22,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from metarl_jax.distributed import shard_tasks
 from metarl_jax.envs.base import TaskEnv
 from metarl_jax.policies import GaussianPolicy
 
@@ -128,8 +129,14 @@ def collect(env: TaskEnv, policy: GaussianPolicy, params, tasks, key: jax.Array,
       params: policy parameters, with a leading task axis M when `per_task_params`
         (adapted policies), else one set shared by all tasks (the meta-policy θ).
       tasks: a task pytree with leading axis M.
+
+    Under an active task sharding (`metarl_jax.distributed.use_task_sharding`) the task
+    axis is placed over the devices here, so every algorithm's rollouts are split alike.
     """
     num_tasks = jax.tree.leaves(tasks)[0].shape[0]
+    tasks = shard_tasks(tasks)
+    if per_task_params:
+        params = shard_tasks(params)
 
     def task_episodes(task_params, task, task_key):
         episode_keys = jax.random.split(task_key, episodes_per_task)

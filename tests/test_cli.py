@@ -10,7 +10,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from metarl_jax import trainer
+from metarl_jax import run_config
 from metarl_jax.algorithms import ALGORITHMS
 from metarl_jax.cli import EXIT_CONFIG_ERROR, main
 from metarl_jax.config import load_yaml
@@ -30,9 +30,9 @@ def read_metrics(run_dir):
 
 def test_default_experiment_file_matches_embedded_default():
     with open(REPO / "experiments" / "promp_point_nav.yaml") as f:
-        from_file = trainer.resolve_config(yaml.safe_load(f))
-    assert from_file == trainer.resolve_config(trainer.DEFAULT_EXPERIMENT)
-    assert from_file == trainer.resolve_config({})  # what `metarl train` alone runs
+        from_file = run_config.resolve_config(yaml.safe_load(f))
+    assert from_file == run_config.resolve_config(run_config.DEFAULT_EXPERIMENT)
+    assert from_file == run_config.resolve_config({})  # what `metarl train` alone runs
     assert (from_file.run.algo, from_file.run.env.name, from_file.run.iterations) == (
         "promp", "point-nav", 100)
     assert from_file.algorithm.meta_batch_size == 20
@@ -205,7 +205,7 @@ def sampling_setting(config):
 @pytest.mark.parametrize("env_name", sorted(SETTING_OF))
 @pytest.mark.parametrize("algo", ["promp", "maml-trpo", "maml-vpg", "dice-vpg"])
 def test_published_setting_of_every_task(algo, env_name):
-    config = trainer.resolve_config({"algo": algo, "env": {"name": env_name}})
+    config = run_config.resolve_config({"algo": algo, "env": {"name": env_name}})
     assert sampling_setting(config) == SETTING_OF[env_name]
     assert (config.run.iterations, config.algorithm.activation) == (1001, "tanh")
     assert config.algorithm.discount == 0.99 and config.algorithm.gae_lambda == 1.0
@@ -225,7 +225,7 @@ def test_published_setting_of_every_task(algo, env_name):
 
 @pytest.mark.parametrize("env_name", sorted(GMPS_SETTING_OF))
 def test_published_setting_of_gmps(env_name):
-    config = trainer.resolve_config({"algo": "gmps", "env": {"name": env_name}})
+    config = run_config.resolve_config({"algo": "gmps", "env": {"name": env_name}})
     assert (*sampling_setting(config), config.algorithm.activation) == GMPS_SETTING_OF[env_name]
     assert (config.algorithm.gmps.num_train_tasks, config.algorithm.gmps.imitation_steps) == (
         40, 500)
@@ -235,17 +235,17 @@ def test_published_setting_of_gmps(env_name):
     ("point-nav", 100, 20), ("halfcheetah-vel", 100, 40), ("humanoid-dir", 200, 40)])
 def test_memrl_takes_the_task_setting_and_keeps_its_own_inner_steps(env_name, horizon,
                                                                       meta_batch_size):
-    c = trainer.resolve_config({"algo": "memrl", "env": {"name": env_name}}).algorithm
+    c = run_config.resolve_config({"algo": "memrl", "env": {"name": env_name}}).algorithm
     assert (c.horizon, c.meta_batch_size, c.inner_steps, c.proximal_lambda) == (
         horizon, meta_batch_size, 5, 2.0)
     assert tuple(c.hidden_sizes) == ((128, 128) if env_name == "humanoid-dir" else (64, 64))
 
 
 def test_every_task_has_a_published_setting_that_every_algorithm_accepts():
-    assert set(trainer.PUBLISHED_SETTINGS) == set(ENVIRONMENTS)
+    assert set(run_config.PUBLISHED_SETTINGS) == set(ENVIRONMENTS)
     for env_name in ENVIRONMENTS:
         for algo in ALGORITHMS:
-            trainer.resolve_config({"algo": algo, "env": {"name": env_name}})
+            run_config.resolve_config({"algo": algo, "env": {"name": env_name}})
 
 
 def print_config(*args):
@@ -304,8 +304,8 @@ def test_config_file_below_flags_below_set_above_the_task_setting(tmp_path):
 @pytest.mark.parametrize("path", sorted((REPO / "experiments").glob("*.yaml")),
                          ids=lambda p: p.name)
 def test_every_experiment_config_resolves_and_builds(path):
-    config = trainer.resolve_config(load_yaml(str(path)))
-    env, policy, algorithm = trainer.build(config)
+    config = run_config.resolve_config(load_yaml(str(path)))
+    env, policy, algorithm = run_config.build(config)
     assert env.name == config.run.env.name
 
 
@@ -315,7 +315,7 @@ def test_every_experiment_config_resolves_and_builds(path):
 def test_experiment_files_set_only_what_differs_from_the_defaults(path):
     raw = load_yaml(str(path))
     named = {"algo": raw["algo"], "env": {"name": raw["env"]["name"]}}
-    defaults = trainer.resolve_config(named).to_dict()
+    defaults = run_config.resolve_config(named).to_dict()
     restated = [key for key, value in raw.items()
                 if key not in ("algo", "env") and defaults[key] == value]
     restated += [f"env.{key}" for key, value in raw["env"].items()
@@ -327,8 +327,8 @@ def test_experiment_files_set_only_what_differs_from_the_defaults(path):
 
 def test_gmps_ring_configs_use_the_forty_ring_goals():
     for name in ("gmps_ant_goal_ring.yaml", "gmps_ant_goal_ring_sparse.yaml"):
-        config = trainer.resolve_config(load_yaml(str(REPO / "experiments" / name)))
-        env, policy, algorithm = trainer.build(config)
+        config = run_config.resolve_config(load_yaml(str(REPO / "experiments" / name)))
+        env, policy, algorithm = run_config.build(config)
         assert (policy.hidden_sizes, policy.activation) == ((100, 100), "relu")
         assert (config.algorithm.episodes_per_task, env.horizon) == (50, 200)
         tasks = env.training_tasks(jax.random.PRNGKey(0), config.algorithm.gmps.num_train_tasks)

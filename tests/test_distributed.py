@@ -12,14 +12,14 @@ import pytest
 SCRIPT = textwrap.dedent("""
     import json, sys
     import jax
-    from metarl_jax import trainer
+    from metarl_jax import run_config, trainer
     algo, devices, overrides = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
     assert len(jax.devices()) == 4, jax.devices()
-    config = trainer.resolve_config({
-        **trainer.DEFAULT_EXPERIMENT, "algo": algo, "iterations": 3, "devices": devices,
+    config = run_config.resolve_config({
+        **run_config.DEFAULT_EXPERIMENT, "algo": algo, "iterations": 3, "devices": devices,
         "meta_batch_size": 4, "episodes_per_task": 3, "horizon": 15, "hidden_sizes": [16, 16],
         **overrides})
-    history = trainer.train(config, progress=False)
+    history = trainer.train(config, progress=False).history
     assert all(r["devices"] == devices for r in history), history
     print(json.dumps([{k: v for k, v in r.items() if not k.endswith("_s") and k != "devices"}
                       for r in history]))
@@ -72,12 +72,12 @@ def test_four_devices_match_one_device_maml_trpo():
 def test_meta_batch_must_split_over_the_devices():
     env = {**os.environ, "XLA_FLAGS": FOUR_DEVICES}
     code = textwrap.dedent("""
-        from metarl_jax import trainer
-        config = trainer.resolve_config({**trainer.DEFAULT_EXPERIMENT, "devices": 4,
+        from metarl_jax import run_config, trainer
+        config = run_config.resolve_config({**run_config.DEFAULT_EXPERIMENT, "devices": 4,
                                          "meta_batch_size": 6, "iterations": 1})
         try:
             trainer.train(config, progress=False)
-        except trainer.ConfigError as error:
+        except run_config.ConfigError as error:
             print(error)
     """)
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,

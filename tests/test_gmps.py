@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from metarl_jax import trainer
+from metarl_jax import run_config, run_dir
 from metarl_jax.algorithms.common import (phase_returns, sample_adaptation_phases,
                                           standard_advantages)
 from metarl_jax.algorithms.gmps import append_to_buffer
@@ -28,9 +28,9 @@ BOUND = 0.1  # point-nav clips the raw action to ±0.1
 
 
 def build(**gmps_options):
-    config = trainer.resolve_config({**trainer.DEFAULT_EXPERIMENT, **TINY, "algo": "gmps",
+    config = run_config.resolve_config({**run_config.DEFAULT_EXPERIMENT, **TINY, "algo": "gmps",
                                      "gmps": {**GMPS_TINY, **gmps_options}})
-    return trainer.build(config)[2]
+    return run_config.build(config)[2]
 
 
 def with_synthetic_demos(algorithm, state, demos_per_task=10):
@@ -107,7 +107,7 @@ def test_clipped_importance_weights_bound_the_inner_gradient():
     far = {**state.params, "policy": moved}
     assert float(algorithm.outer_loss(far, batch, *data)) != float(
         build().outer_loss(far, batch, *data))
-    with pytest.raises(trainer.ConfigError, match="gmps.importance_clip: 0.5 not allowed"):
+    with pytest.raises(run_config.ConfigError, match="gmps.importance_clip: 0.5 not allowed"):
         build(importance_clip=0.5)
 
 
@@ -276,7 +276,7 @@ def test_dagger_labels_with_the_demonstration_files_expert_activation(tmp_path):
     assert load_demonstrations(path, env).activation == "relu"
     # A configuration that names another activation is refused, naming the field ...
     mismatched = build(demos=str(path), dagger_every=1)
-    with pytest.raises(trainer.ConfigError, match="gmps.expert_activation: 'tanh', but the "
+    with pytest.raises(run_config.ConfigError, match="gmps.expert_activation: 'tanh', but the "
                                                   "experts in the demonstrations file use "
                                                   "'relu'"):
         mismatched.prepare(mismatched.init(jax.random.PRNGKey(0)))
@@ -305,20 +305,20 @@ def test_meta_test_adaptation_uses_learned_step_sizes():
 
 
 def test_gmps_configuration_errors(tmp_path):
-    with pytest.raises(trainer.ConfigError, match="gmps.imitation: 'l1' not allowed"):
-        trainer.resolve_config({"algo": "gmps", "gmps": {"imitation": "l1"}})
-    with pytest.raises(trainer.ConfigError, match="unknown key 'gmps.demo'"):
-        trainer.resolve_config({"algo": "gmps", "gmps": {"demo": "x.npz"}})
-    with pytest.raises(trainer.ConfigError, match="gmps.expert_activation: 'gelu' not"):
-        trainer.resolve_config({"algo": "gmps", "gmps": {"expert_activation": "gelu"}})
-    with pytest.raises(trainer.ConfigError, match="meta_batch_size: at most gmps.num_train"):
+    with pytest.raises(run_config.ConfigError, match="gmps.imitation: 'l1' not allowed"):
+        run_config.resolve_config({"algo": "gmps", "gmps": {"imitation": "l1"}})
+    with pytest.raises(run_config.ConfigError, match="unknown key 'gmps.demo'"):
+        run_config.resolve_config({"algo": "gmps", "gmps": {"demo": "x.npz"}})
+    with pytest.raises(run_config.ConfigError, match="gmps.expert_activation: 'gelu' not"):
+        run_config.resolve_config({"algo": "gmps", "gmps": {"expert_activation": "gelu"}})
+    with pytest.raises(run_config.ConfigError, match="meta_batch_size: at most gmps.num_train"):
         build(num_train_tasks=2)
     env = build().env
     tasks = env.sample_tasks(jax.random.PRNGKey(1), 4)
     path = save_demonstrations(tmp_path / "long.npz", env.name, tasks, np.zeros((4, 50, 2)),
                                np.zeros((4, 50, 2)), np.full(4, 50))
     small = build(demos=str(path))
-    with pytest.raises(trainer.ConfigError, match="gmps.demo_buffer_size: 40 is smaller than "
+    with pytest.raises(run_config.ConfigError, match="gmps.demo_buffer_size: 40 is smaller than "
                                                   "the 50 demonstration steps per task"):
         small.prepare(small.init(jax.random.PRNGKey(0)))
 
@@ -344,7 +344,7 @@ def test_demonstrations_mode_and_experts_mode_from_the_cli(tmp_path):
     result = CliRunner().invoke(main, ["train", "--algo", "gmps", "--out", str(run),
                                        "--set", f"gmps.demos={demos}", *common])
     assert result.exit_code == 0, result.output
-    records = trainer.read_metrics(str(run))
+    records = run_dir.read_metrics(str(run))
     assert [r["iteration"] for r in records] == [1, 2]
     assert records[0]["expert_env_steps"] > 0
     assert records[-1]["dagger_fill"] > 0  # DAgger wrote to its buffers
@@ -353,7 +353,7 @@ def test_demonstrations_mode_and_experts_mode_from_the_cli(tmp_path):
     result = CliRunner().invoke(main, ["train", "--algo", "gmps", "--out", str(experts_run),
                                        "--set", "gmps.expert_iterations=2", *common])
     assert result.exit_code == 0, result.output
-    (first, _) = trainer.read_metrics(str(experts_run))
+    (first, _) = run_dir.read_metrics(str(experts_run))
     # PPO's steps (2 iterations × 4 tasks × 10 episodes × 12 steps) plus the recorded
     # demonstrations, counted apart from the meta-training steps.
     assert first["expert_env_steps"] >= 2 * 4 * 10 * 12

@@ -7,14 +7,14 @@ import statistics
 
 import pytest
 
-from metarl_jax import trainer
+from metarl_jax import run_config, trainer
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_promp_point_nav_default_experiment_reaches_target(seed):
-    config = trainer.resolve_config({**trainer.DEFAULT_EXPERIMENT, "seed": seed})
-    history = trainer.train(config, progress=False)
+    config = run_config.resolve_config({**run_config.DEFAULT_EXPERIMENT, "seed": seed})
+    history = trainer.train(config, progress=False).history
     window = [r for r in history if 80 <= r["iteration"] <= 100]
     post = statistics.fmean(r["post_return"] for r in window)
     gain = statistics.fmean(r["post_return"] - r["pre_return"] for r in window)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from metarl_jax import trainer
+from metarl_jax import run_config, run_dir, trainer
 from metarl_jax.algorithms.promp import adapt_kl_coeffs
 from metarl_jax.checkpoints import Checkpointer
 from metarl_jax.cli import EXIT_DIVERGED, main
@@ -26,9 +26,9 @@ TIMING_KEYS = {"time_s", "iteration_s"}
 
 
 def tiny_config(**overrides):
-    raw = {**trainer.DEFAULT_EXPERIMENT, "meta_batch_size": 3, "episodes_per_task": 3,
+    raw = {**run_config.DEFAULT_EXPERIMENT, "meta_batch_size": 3, "episodes_per_task": 3,
            "horizon": 15, "hidden_sizes": [16, 16], **overrides}
-    return trainer.resolve_config(raw)
+    return run_config.resolve_config(raw)
 
 
 def without_timing(records):
@@ -41,10 +41,10 @@ def cli(*args):
 
 
 def test_same_seed_same_configuration_gives_identical_metrics():
-    first = trainer.train(tiny_config(iterations=4), progress=False)
-    second = trainer.train(tiny_config(iterations=4), progress=False)
+    first = trainer.train(tiny_config(iterations=4), progress=False).history
+    second = trainer.train(tiny_config(iterations=4), progress=False).history
     assert without_timing(first) == without_timing(second)
-    other_seed = trainer.train(tiny_config(iterations=4, seed=1), progress=False)
+    other_seed = trainer.train(tiny_config(iterations=4, seed=1), progress=False).history
     assert without_timing(first) != without_timing(other_seed)
 
 
@@ -66,7 +66,7 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
     assert process.poll() is None, "the run finished before it could be killed"
     process.send_signal(signal.SIGKILL)
     process.wait()
-    done_before_kill = len(trainer.read_metrics(str(killed)))
+    done_before_kill = len(run_dir.read_metrics(str(killed)))
     assert 30 <= done_before_kill < iterations
     latest = Checkpointer(str(killed / "checkpoints")).latest_iteration()
     assert latest is not None and latest % 7 == 0 and latest <= done_before_kill
@@ -74,9 +74,9 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
     resumed = cli("train", "--resume", str(killed), "--quiet")
     out, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err
-    records = trainer.read_metrics(str(killed))
+    records = run_dir.read_metrics(str(killed))
     assert [r["iteration"] for r in records] == list(range(1, iterations + 1))
-    assert without_timing(records) == without_timing(trainer.read_metrics(str(reference)))
+    assert without_timing(records) == without_timing(run_dir.read_metrics(str(reference)))
 
     # A finished run resumes to nothing; a longer total continues it.
     again = CliRunner().invoke(main, ["train", "--resume", str(killed), "--quiet"])
@@ -134,10 +134,10 @@ def test_planted_nan_stops_cleanly_and_keeps_last_good_checkpoint(tmp_path):
     line = result.output.strip().splitlines()[-1]
     assert line.startswith("error: training diverged at iteration 4: ")
     assert "the last good checkpoint is iteration 3" in line
-    assert [r["iteration"] for r in trainer.read_metrics(str(out))] == [1, 2, 3]
+    assert [r["iteration"] for r in run_dir.read_metrics(str(out))] == [1, 2, 3]
     checkpointer = Checkpointer(str(out / "checkpoints"))
     assert checkpointer.all_iterations() == [3]
-    template = trainer.build(tiny_config())[2].init(jax.random.PRNGKey(0))
+    template = run_config.build(tiny_config())[2].init(jax.random.PRNGKey(0))
     state, host = checkpointer.restore(template)
     assert int(state.iteration) == 3 and host["env_steps"] == 3 * 3 * 3 * 15 * 2
     assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(state.params))
@@ -147,10 +147,10 @@ def test_planted_nan_stops_cleanly_and_keeps_last_good_checkpoint(tmp_path):
 def test_checkpoints_keep_the_last_few_and_hold_the_full_state(tmp_path):
     out = tmp_path / "run"
     config = tiny_config(iterations=9, checkpoint_every=2, keep_checkpoints=2, adaptive_kl=True)
-    history = trainer.train(config, str(out), progress=False)
+    history = trainer.train(config, str(out), progress=False).history
     checkpointer = Checkpointer(str(out / "checkpoints"))
     assert checkpointer.all_iterations() == [8, 9]
-    template = trainer.build(config)[2].init(jax.random.PRNGKey(123))
+    template = run_config.build(config)[2].init(jax.random.PRNGKey(123))
     state, host = checkpointer.restore(template)
     assert int(state.iteration) == 9
     assert host["env_steps"] == history[-1]["env_steps"]
@@ -209,16 +209,16 @@ def test_fused_calls_give_the_same_run_as_one_iteration_per_call(tmp_path):
     """`iterations_per_call` > 1 scans several meta-iterations in one compiled call; the
     records, checkpoints and final state are those of one iteration per call."""
     single = trainer.train(tiny_config(iterations=7, checkpoint_every=6), str(tmp_path / "a"),
-                           progress=False)
+                           progress=False).history
     fused = trainer.train(tiny_config(iterations=7, checkpoint_every=6, iterations_per_call=3),
-                          str(tmp_path / "b"), progress=False)
+                          str(tmp_path / "b"), progress=False).history
     assert [r["iteration"] for r in fused] == list(range(1, 8))
     for a, b in zip(without_timing(single), without_timing(fused)):
         assert a.keys() == b.keys()
         for key in a:
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
     assert Checkpointer(str(tmp_path / "b" / "checkpoints")).all_iterations() == [6, 7]
-    assert trainer.read_metrics(str(tmp_path / "b")) == fused
+    assert run_dir.read_metrics(str(tmp_path / "b")) == fused
 
 
 def test_fused_run_compiles_every_call_length_before_its_first_iteration():
@@ -247,14 +247,14 @@ def test_divergence_inside_a_fused_call_checkpoints_the_iteration_before_it(tmp_
     assert result.exit_code == EXIT_DIVERGED
     assert "diverged at iteration 5: " in result.output
     assert "the last good checkpoint is iteration 4" in result.output
-    assert [r["iteration"] for r in trainer.read_metrics(str(out))] == [1, 2, 3, 4]
+    assert [r["iteration"] for r in run_dir.read_metrics(str(out))] == [1, 2, 3, 4]
     checkpointer = Checkpointer(str(out / "checkpoints"))
     assert checkpointer.all_iterations() == [4]
-    template = trainer.build(tiny_config())[2].init(jax.random.PRNGKey(0))
+    template = run_config.build(tiny_config())[2].init(jax.random.PRNGKey(0))
     state, host = checkpointer.restore(template)
     checkpointer.close()
     assert int(state.iteration) == 4 and host["env_steps"] == 4 * 3 * 3 * 15 * 2
-    _, plain = trainer.train(tiny_config(iterations=4), progress=False, return_state=True)
+    plain = trainer.train(tiny_config(iterations=4), progress=False).state
     for a, b in zip(jax.tree.leaves(plain.params), jax.tree.leaves(state.params)):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-7)
 

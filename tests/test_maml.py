@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import yaml
 
-from metarl_jax import trainer
+from metarl_jax import run_config
 from metarl_jax.algorithms import ALGORITHMS
 from metarl_jax.algorithms.common import sample_adaptation_phases
 from metarl_jax.algorithms.maml import (MAML_VARIANTS, emaml_exploration_term,
@@ -21,9 +21,9 @@ TINY = {"meta_batch_size": 3, "episodes_per_task": 3, "horizon": 12, "hidden_siz
 
 
 def build(algo, **overrides):
-    config = trainer.resolve_config({**trainer.DEFAULT_EXPERIMENT, **TINY, "algo": algo,
+    config = run_config.resolve_config({**run_config.DEFAULT_EXPERIMENT, **TINY, "algo": algo,
                                      **overrides})
-    return trainer.build(config)[2]
+    return run_config.build(config)[2]
 
 
 def assert_fast_kl_hvp_is_exact(algorithm, theta, pre, post):
@@ -170,16 +170,16 @@ def test_variant_table():
 
 
 def test_trpo_option_on_vpg_algorithm_is_a_config_error():
-    with pytest.raises(trainer.ConfigError, match="max_kl: an option of emaml-trpo, "
+    with pytest.raises(run_config.ConfigError, match="max_kl: an option of emaml-trpo, "
                                                   "lvc-trpo, maml-trpo, not of algo maml-vpg"):
-        trainer.resolve_config({"algo": "maml-vpg", "max_kl": 0.02})
+        run_config.resolve_config({"algo": "maml-vpg", "max_kl": 0.02})
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "experiments").glob("*.yaml")),
                          ids=lambda p: p.name)
 def test_experiment_files_resolve(path):
     raw = yaml.safe_load(path.read_text())
-    resolved = trainer.resolve_config(raw).to_dict()
+    resolved = run_config.resolve_config(raw).to_dict()
     assert resolved["algo"] == raw["algo"]
     for key, value in raw.items():  # what a file sets is what the run gets
         if isinstance(value, dict):

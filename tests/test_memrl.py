@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from metarl_jax import trainer
+from metarl_jax import run_config
 from metarl_jax.algorithms.memrl import moreau_meta_gradient, proximal_loss
 from metarl_jax.losses import inner_update
 from metarl_jax.policies import ACTIVATIONS
@@ -18,9 +18,9 @@ TINY = {"meta_batch_size": 3, "episodes_per_task": 3, "horizon": 12, "hidden_siz
 
 
 def build(algo="memrl", **overrides):
-    config = trainer.resolve_config({**trainer.DEFAULT_EXPERIMENT, **TINY, "algo": algo,
+    config = run_config.resolve_config({**run_config.DEFAULT_EXPERIMENT, **TINY, "algo": algo,
                                      **overrides})
-    return trainer.build(config)[2]
+    return run_config.build(config)[2]
 
 
 def test_inner_steps_reach_the_proximal_point_and_meta_gradient_is_the_envelope_gradient():
@@ -125,5 +125,5 @@ def test_memrl_adam_option_and_evaluation_shape():
     returns = jax.jit(algorithm.adaptation_returns, static_argnums=(2, 3, 4))(
         state.params, jax.random.PRNGKey(2), 4, 3, 2)
     assert returns.shape == (4, 4)
-    with pytest.raises(trainer.ConfigError, match="meta_optimizer: 'lbfgs' not allowed"):
-        trainer.resolve_config({"algo": "memrl", "meta_optimizer": "lbfgs"})
+    with pytest.raises(run_config.ConfigError, match="meta_optimizer: 'lbfgs' not allowed"):
+        run_config.resolve_config({"algo": "memrl", "meta_optimizer": "lbfgs"})

@@ -14,14 +14,15 @@ SCRIPT = textwrap.dedent("""
     import json, sys
     import jax
     import numpy as np
-    from metarl_jax import distributed, trainer
+    from metarl_jax import distributed, run_config, trainer
     coordinator, process_id, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     distributed.initialize(coordinator, 2, process_id)
     assert jax.process_count() == 2 and len(jax.devices()) == 2
-    config = trainer.resolve_config({
-        **trainer.DEFAULT_EXPERIMENT, "iterations": 3, "checkpoint_every": 2,
+    config = run_config.resolve_config({
+        **run_config.DEFAULT_EXPERIMENT, "iterations": 3, "checkpoint_every": 2,
         "meta_batch_size": 4, "episodes_per_task": 3, "horizon": 15, "hidden_sizes": [16, 16]})
-    history, state = trainer.train(config, out, progress=False, return_state=True)
+    training = trainer.train(config, out, progress=False)
+    history, state = training.history, training.state
     flat = np.concatenate([np.ravel(np.asarray(x.addressable_data(0)))
                            for x in jax.tree.leaves(state.params)])
     print(json.dumps({"post": [r["post_return"] for r in history], "params": flat.tolist()}))

@@ -579,12 +579,12 @@ def test_a_fresh_walker_falls_and_the_phase_still_spends_its_budget():
     """Through `metarl train`: a fresh policy's walker falls within the 200 steps of a
     lane, so a phase holds more episodes than lanes; every step is a real transition,
     so `env_steps` is the real transition count."""
-    from metarl_jax import trainer
+    from metarl_jax import run_config, trainer
 
-    config = trainer.resolve_config({"algo": "promp", "env": {"name": "walker-dir"},
+    config = run_config.resolve_config({"algo": "promp", "env": {"name": "walker-dir"},
                                      "iterations": 1, "meta_batch_size": 2,
                                      "episodes_per_task": 3, "hidden_sizes": [8]})
-    algorithm = trainer.build(config)[2]
+    algorithm = run_config.build(config)[2]
     state = algorithm.init(jax.random.PRNGKey(config.run.seed))
     _, task_key, sample_key = jax.random.split(state.key, 3)
     tasks = algorithm.env.sample_tasks(task_key, 2)
@@ -593,7 +593,7 @@ def test_a_fresh_walker_falls_and_the_phase_still_spends_its_budget():
     lanes, horizon = 2 * 3, algorithm.config.horizon
     assert horizon == 200
     real = float(jnp.sum(pre.masks) + jnp.sum(post.masks))
-    (record,) = trainer.train(config, progress=False)
+    (record,) = trainer.train(config, progress=False).history
     assert record["env_steps"] == real == 2 * lanes * horizon
     assert record["pre_episodes"] > lanes and record["post_episodes"] > lanes
     assert record["pre_episodes"] == float(pre.episode_count())

@@ -16,26 +16,6 @@ from metarl_jax.policies import GaussianPolicy
 from metarl_jax.rollout import Trajectories, collect
 
 
-class MetaLearner:
-    """What every meta-learner shares: its configuration (the horizon resolved to the
-    environment's default), the task distribution and the policy."""
-
-    def __init__(self, config, env: TaskEnv, policy: GaussianPolicy):
-        if config.horizon is None:
-            config = dataclasses.replace(config, horizon=env.horizon)
-        self.config = config
-        self.env = env
-        self.policy = policy
-
-    @property
-    def env_steps_per_iteration(self) -> int:
-        """M·N·H per sampling phase, K inner phases plus the post-update one: every
-        step of every lane is a real transition (`metarl_jax.rollout`), except for
-        tasks whose lanes idle after the end, where this is the budget."""
-        c = self.config
-        return c.meta_batch_size * c.episodes_per_task * c.horizon * (c.inner_steps + 1)
-
-
 def broadcast_to_tasks(params, num_tasks: int):
     return jax.tree.map(lambda x: jnp.broadcast_to(x, (num_tasks,) + x.shape), params)
 
@@ -64,7 +44,6 @@ def sample_adaptation_phases(env: TaskEnv, policy: GaussianPolicy, config: Sampl
     """
     num_tasks = jax.tree.leaves(tasks)[0].shape[0]
     step_size = config.inner_lr if inner_lr is None else inner_lr
-    tasks = shard_tasks(tasks)  # the task axis over the devices, when a mesh is active
 
     def phase(params, inputs):
         phase_key, is_inner_phase = inputs
@@ -82,6 +61,7 @@ def sample_adaptation_phases(env: TaskEnv, policy: GaussianPolicy, config: Sampl
     # Brax bodies that halves compile time); the post-update phase skips the step.
     phase_keys = jax.random.split(key, config.inner_steps + 1)
     is_inner_phase = jnp.arange(config.inner_steps + 1) < config.inner_steps
+    # The carry is placed over the devices from the start, as `collect` places it.
     adapted, batches = jax.lax.scan(phase, shard_tasks(broadcast_to_tasks(theta, num_tasks)),
                                     (phase_keys, is_inner_phase))
     pre_batches = jax.tree.map(lambda x: jnp.swapaxes(x[:-1], 0, 1), batches)

@@ -50,7 +50,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from metarl_jax.algorithms.common import (MetaLearner, adaptation_returns, phase_returns,
+from metarl_jax.algorithms.base import MetaLearner, MetaState
+from metarl_jax.algorithms.common import (adaptation_returns, phase_returns,
                                           sample_adaptation_phases)
 from metarl_jax.config import (ConfigError, SamplingConfig, at_least, check, field, one_of,
                                positive)
@@ -91,11 +92,7 @@ class GMPSConfig(SamplingConfig):
 
 
 @flax.struct.dataclass
-class GMPSState:
-    params: dict  # {"policy": θ, "step_sizes": α shaped like θ}
-    opt_state: optax.OptState
-    key: jax.Array
-    iteration: jax.Array
+class GMPSState(MetaState):  # params: {"policy": θ, "step_sizes": α shaped like θ}
     train_tasks: dict  # the T meta-training tasks, leading axis T
     demo_observations: jax.Array  # [T, D, obs], fixed after `prepare`
     demo_actions: jax.Array  # [T, D, act], the experts' (clipped) actions
@@ -161,10 +158,14 @@ class GMPS(MetaLearner):
         self.optimizer = optax.adam(config.outer_lr, b1=0.9, b2=0.999, eps=1e-8)
         self.expert_env_steps = 0
 
-    def host_counters(self) -> dict:
-        """Reported in every metrics record: the experts' own environment steps, counted
-        apart from the meta-training steps in `env_steps`."""
+    def host_state(self) -> dict:
+        """The experts' own environment steps, counted apart from the meta-training
+        steps in `env_steps` (reported in every metrics record)."""
         return {"expert_env_steps": self.expert_env_steps}
+
+    def load_host_state(self, saved: dict) -> None:
+        super().load_host_state(saved)
+        self.expert_env_steps = int(saved.get("expert_env_steps", 0))
 
     def step_sizes(self, params):
         if self.config.gmps.learned_step_sizes:

@@ -20,14 +20,14 @@ from __future__ import annotations
 
 import dataclasses
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
 from jax.flatten_util import ravel_pytree
 
 from metarl_jax.advantages import dice_adjusted_rewards
-from metarl_jax.algorithms.common import (MetaLearner, adaptation_returns,
+from metarl_jax.algorithms.base import MetaLearner, MetaState
+from metarl_jax.algorithms.common import (adaptation_returns,
                                           broadcast_to_tasks, phase_returns,
                                           sample_adaptation_phases, standard_advantages)
 from metarl_jax.config import SamplingConfig, at_least, check, field, one_of, positive
@@ -81,12 +81,8 @@ class MAMLTRPOConfig(SamplingConfig):
     kl_direction: str = field("old_new", **one_of(*KL_DIRECTIONS))
 
 
-@flax.struct.dataclass
-class MAMLState:
-    params: dict
-    opt_state: optax.OptState  # Adam's state (VPG variants); a placeholder for TRPO
-    key: jax.Array
-    iteration: jax.Array
+# opt_state: Adam's state for the VPG variants, a placeholder for TRPO.
+MAMLState = MetaState
 
 
 INNER_LOSSES = {"ll": log_likelihood_loss, "lvc": likelihood_ratio_loss, "dice": dice_loss}

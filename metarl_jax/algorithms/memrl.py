@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import dataclasses
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
 
-from metarl_jax.algorithms.common import (MetaLearner, adaptation_returns, phase_returns,
+from metarl_jax.algorithms.base import MetaLearner, MetaState
+from metarl_jax.algorithms.common import (adaptation_returns, phase_returns,
                                           sample_adaptation_phases)
 from metarl_jax.config import SamplingConfig, at_least, field, one_of, positive
 from metarl_jax.envs.base import TaskEnv
@@ -40,12 +40,7 @@ class MEMRLConfig(SamplingConfig):
     meta_optimizer: str = field("sgd", **one_of("sgd", "adam"))
 
 
-@flax.struct.dataclass
-class MEMRLState:
-    params: dict
-    opt_state: optax.OptState
-    key: jax.Array
-    iteration: jax.Array
+MEMRLState = MetaState
 
 
 def proximal_loss(policy: GaussianPolicy, params, batch, anchor, proximal_lambda: float,

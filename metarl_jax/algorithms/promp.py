@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from metarl_jax.algorithms.common import (MetaLearner, adaptation_returns, phase_returns,
+from metarl_jax.algorithms.base import MetaLearner, MetaState
+from metarl_jax.algorithms.common import (adaptation_returns, phase_returns,
                                           sample_adaptation_phases)
 from metarl_jax.config import SamplingConfig, at_least, field, positive
 from metarl_jax.envs.base import TaskEnv
@@ -37,12 +38,8 @@ class ProMPConfig(SamplingConfig):
 
 
 @flax.struct.dataclass
-class ProMPState:
-    params: dict  # θ, the meta-policy
-    opt_state: optax.OptState  # Adam's moments persist across iterations
-    kl_coeffs: jax.Array  # [K], one c_k per inner step
-    key: jax.Array
-    iteration: jax.Array
+class ProMPState(MetaState):
+    kl_coeffs: jax.Array  # [K], one c_k per inner step (Adam's moments in opt_state)
 
 
 def adapt_kl_coeffs(kl_coeffs: jax.Array, kls: jax.Array, kl_target: float) -> jax.Array:

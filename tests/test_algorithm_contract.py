@@ -1,0 +1,163 @@
+"""Every registered algorithm against the contract of `metarl_jax.algorithms.base`.
+
+Each algorithm runs on a tiny point-nav setting through the same checks: one compiled
+iteration reports the required metrics; its state keeps its shapes, so nothing
+recompiles; meta-test adaptation has the documented shape; a checkpoint round trip
+resumes to the same numbers; and two devices give the numbers of one, with the work
+split between them. A new algorithm that misses a piece fails here, by name.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+
+from metarl_jax import run_config, run_dir, trainer
+from metarl_jax.algorithms import ALGORITHMS
+from metarl_jax.algorithms.base import REQUIRED_METRICS, MetaLearner, MetaState, check_algorithm
+from metarl_jax.config import SamplingConfig
+
+TINY = {"env": {"name": "point-nav"}, "meta_batch_size": 2, "episodes_per_task": 2,
+        "horizon": 8, "hidden_sizes": [8, 8]}
+# GMPS trains its experts in `prepare`: two PPO updates for two tasks.
+PER_ALGORITHM = {"gmps": {"gmps": {"num_train_tasks": 2, "expert_iterations": 2,
+                                   "expert_hidden_sizes": [8, 8], "imitation_steps": 2,
+                                   "demo_buffer_size": 80, "dagger_every": 1,
+                                   "dagger_buffer_size": 16}}}
+TIMING_KEYS = {"time_s", "iteration_s"}
+
+
+def tiny_raw(algo: str, **overrides) -> dict:
+    return {**TINY, "algo": algo, **PER_ALGORITHM.get(algo, {}), **overrides}
+
+
+_traces = []
+jax.monitoring.register_event_duration_secs_listener(
+    lambda name, *_, **__: _traces.append(name)
+    if name == "/jax/core/compile/jaxpr_trace_duration" else None)
+
+
+@pytest.mark.parametrize("algo", sorted(ALGORITHMS))
+def test_algorithm_meets_the_contract(algo, tmp_path):
+    cls = ALGORITHMS[algo]
+    assert check_algorithm(cls) is cls and issubclass(cls.config_class, SamplingConfig)
+    config = run_config.resolve_config(tiny_raw(algo, iterations=3, checkpoint_every=1,
+                                                keep_checkpoints=3))
+    _, _, algorithm = run_config.build(config)
+    assert isinstance(algorithm, MetaLearner)
+
+    # The state is a MetaState whose shapes and dtypes one iteration keeps.
+    state = algorithm.init(jax.random.PRNGKey(0))
+    assert isinstance(state, MetaState), f"{algo}: init must return a MetaState"
+    after, metrics = jax.eval_shape(algorithm.meta_iteration, state)
+    before_leaves = jax.tree_util.tree_leaves_with_path(state)
+    for (path, x), y in zip(before_leaves, jax.tree.leaves(after)):
+        assert (np.shape(x), jax.numpy.result_type(x)) == (y.shape, y.dtype), (
+            f"{algo}: meta_iteration changes {jax.tree_util.keystr(path)}")
+    assert jax.tree.structure(after) == jax.tree.structure(state)
+    missing = [name for name in REQUIRED_METRICS if name not in metrics]
+    assert not missing, f"{algo}: meta_iteration does not report {missing}"
+
+    # Three iterations: the required metrics are finite, nothing is traced after the
+    # first call.
+    out = tmp_path / "run"
+    traces_at = []
+    history = trainer.train(config, str(out), progress=False,
+                            on_iteration=lambda _: traces_at.append(len(_traces))).history
+    assert [r["iteration"] for r in history] == [1, 2, 3]
+    assert len(set(traces_at)) == 1, f"{algo}: traced again after the first call"
+    for record in history:
+        for name in REQUIRED_METRICS:
+            assert np.isfinite(record[name]), (algo, name, record[name])
+    assert history[-1]["env_steps"] == 3 * algorithm.env_steps_per_iteration
+
+    # Resume from the checkpoint of iteration 2: iteration 3 again, the same numbers.
+    shutil.rmtree(out / run_dir.CHECKPOINT_DIR / "3")
+    resumed = trainer.train(config, str(out), resume=True, progress=False)
+    (again,) = resumed.history
+    assert {k: v for k, v in again.items() if k not in TIMING_KEYS} == {
+        k: v for k, v in history[-1].items() if k not in TIMING_KEYS}, algo
+    assert [r["iteration"] for r in run_dir.read_metrics(str(out))] == [1, 2, 3]
+
+    # Meta-test adaptation: [tasks, steps + 1] finite returns.
+    adapt = jax.jit(algorithm.adaptation_returns, static_argnums=(2, 3, 4))
+    returns = np.asarray(adapt(resumed.state.params, jax.random.PRNGKey(1), 2, 1, 2))
+    assert returns.shape == (2, 2) and np.all(np.isfinite(returns)), (algo, returns)
+
+
+def test_the_contract_names_what_an_algorithm_lacks():
+    class NoName(MetaLearner):
+        config_class = SamplingConfig
+
+        def init(self, key): ...
+
+        def meta_iteration(self, state): ...
+
+        def adaptation_returns(self, *args): ...
+
+    with pytest.raises(TypeError, match="NoName: set the class attribute `name`"):
+        check_algorithm(NoName)
+
+    class NoAdaptation(MetaLearner):
+        name = "no-adaptation"
+        config_class = SamplingConfig
+
+        def init(self, key): ...
+
+        def meta_iteration(self, state): ...
+
+    with pytest.raises(TypeError, match="NoAdaptation: implement adaptation_returns"):
+        check_algorithm(NoAdaptation)
+
+
+TWO_DEVICES = textwrap.dedent("""
+    import json, sys
+    import jax
+    from metarl_jax import distributed, programs, run_config, trainer
+    assert len(jax.devices()) == 2, jax.devices()
+    results = {}
+    for raw in json.loads(sys.argv[1]):
+        runs = {}
+        for devices in (1, 2):
+            config = run_config.resolve_config({**raw, "iterations": 1, "devices": devices})
+            (record,) = trainer.train(config, progress=False).history
+            runs[devices] = {k: v for k, v in record.items() if not k.endswith("_s")}
+        # The two-device program is partitioned: the outer loss's sum over tasks
+        # needs a reduction across the devices.
+        _, _, algorithm = run_config.build(config)
+        sharding = distributed.task_sharding(2)
+        state = jax.device_put(algorithm.prepare(algorithm.init(jax.random.PRNGKey(0)), 0),
+                               distributed.replicated(sharding))
+        compiled = programs.IterationPrograms(algorithm, config.run, sharding).program(1, state)
+        runs["partitioned"] = "all-reduce" in compiled.as_text()
+        results[raw["algo"]] = runs
+    print(json.dumps(results))
+""")
+
+
+def test_two_devices_give_the_numbers_of_one_for_every_algorithm():
+    """The task sharding is applied for every algorithm, not by each remembering to:
+    on two devices the program is partitioned and the first iteration's metrics equal
+    one device's up to the reassociation of sums over tasks."""
+    raws = [tiny_raw(algo) for algo in sorted(ALGORITHMS)]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+           "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run([sys.executable, "-c", TWO_DEVICES, json.dumps(raws)], env=env,
+                         capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    results = json.loads(out.stdout.strip().splitlines()[-1])
+    assert sorted(results) == sorted(ALGORITHMS)
+    for algo, runs in results.items():
+        one, two = runs["1"], runs["2"]
+        assert runs["partitioned"], f"{algo}: the two-device program is not partitioned"
+        assert (one["devices"], two["devices"]) == (1, 2)
+        assert one.keys() == two.keys(), algo
+        for key in one:
+            if key != "devices":
+                assert two[key] == pytest.approx(one[key], rel=1e-2, abs=1e-4), (algo, key)
