@@ -21,7 +21,8 @@ def main():
 
 @main.command()
 @click.option("--algo", help="Meta-learner, e.g. promp.")
-@click.option("--env", "env_name", help="Task distribution (see `metarl envs`).")
+@click.option("--env", "env_name", help="Task distribution (see `metarl envs`), or "
+              "module:attribute naming one of your own.")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False),
               help="YAML file of configuration keys.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
@@ -173,9 +174,9 @@ def plot(run_dirs, out_path, no_pre):
 @main.command()
 def envs():
     """List every task distribution with its sizes, horizon and tasks."""
-    from metarl_jax import trainer
+    from metarl_jax.envs import BRAX_BACKENDS, describe_envs
 
-    rows = trainer.describe_envs()
+    rows = describe_envs()
     header = ("name", "obs", "act", "horizon", "body", "tasks")
     table = [header] + [(r["name"], str(r["observation_size"]), str(r["action_size"]),
                          str(r["horizon"]), r["body"], r["tasks"]) for r in rows]
@@ -183,6 +184,8 @@ def envs():
     for row in table:
         click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths))
                    + "  " + row[5])
+    click.echo(f"\nBrax backends (env.backend): {', '.join(BRAX_BACKENDS)}; a task of your "
+               "own: --env module:attribute (docs/custom_tasks.md)")
 
 
 @main.command()

@@ -144,10 +144,12 @@ def test_existing_run_is_not_overwritten_without_force(tmp_path):
 def test_envs_lists_every_environment():
     result = run_cli("envs")
     assert result.exit_code == 0
-    lines = result.output.strip().splitlines()
+    table, footer = result.output.strip().split("\n\n")
+    lines = table.splitlines()
     assert lines[0].split()[:4] == ["name", "obs", "act", "horizon"]
     assert lines[0].split()[4:] == ["body", "tasks"]
     rows = {line.split()[0]: line.split()[1:5] for line in lines[1:]}
+    assert list(rows) == sorted(ENVIRONMENTS)
     assert rows == {
         "point-nav": ["2", "2", "100", "pure"],
         "halfcheetah-dir": ["17", "6", "100", "halfcheetah"],
@@ -166,6 +168,7 @@ def test_envs_lists_every_environment():
     }
     assert "quarter circle of radius 2" in result.output
     assert "1.5^U(-3,3)" in result.output
+    assert "generalized, positional, spring, mjx" in footer and "module:attribute" in footer
 
 
 # The published settings, written out from the papers' tables: per task (H, M, N, K, α,
