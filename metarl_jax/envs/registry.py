@@ -144,6 +144,10 @@ def make_env(name: str, **options) -> TaskEnv:
     Options: `backend` (Brax tasks: one of BRAX_BACKENDS; ignored by pure-JAX tasks) and
     `horizon` (defaults to the published setting's).
     """
+    if isinstance(name, str) and ":" in name and name not in ENVIRONMENTS:
+        from metarl_jax.envs import custom
+
+        return custom.build(name, custom.load(name), options)  # built and checked once
     return lookup(name).build(**options)
 
 
