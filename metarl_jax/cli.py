@@ -1,4 +1,4 @@
-"""The `metarl` command line: `metarl train | eval | plot | envs`."""
+"""The `metarl` command line: `metarl train | eval | plot | envs | info | experts`."""
 
 from __future__ import annotations
 
@@ -186,6 +186,24 @@ def envs():
                    + "  " + row[5])
     click.echo(f"\nBrax backends (env.backend): {', '.join(BRAX_BACKENDS)}; a task of your "
                "own: --env module:attribute (docs/custom_tasks.md)")
+
+
+@main.command()
+@click.option("--cpu-devices", type=int, help="Split the host CPU into this many devices "
+              "first, as `metarl train --cpu-devices` does.")
+def info(cpu_devices):
+    """Print versions (JAX, jaxlib, flax, optax, brax, orbax, mujoco), Python, the platform,
+    XLA_FLAGS, the CPU split, and each device with its memory."""
+    from metarl_jax import distributed
+    from metarl_jax.info import collect, format_rows
+
+    if cpu_devices is not None:
+        try:
+            distributed.split_cpu(cpu_devices)
+        except ConfigError as error:
+            click.echo(f"error: {error}", err=True)
+            sys.exit(EXIT_CONFIG_ERROR)
+    click.echo(format_rows(collect()))
 
 
 @main.command()

@@ -2,6 +2,7 @@
 
 import json
 import pathlib
+import re
 import time
 
 import jax
@@ -337,3 +338,28 @@ def test_gmps_ring_configs_use_the_forty_ring_goals():
         tasks = env.training_tasks(jax.random.PRNGKey(0), config.algorithm.gmps.num_train_tasks)
         np.testing.assert_array_equal(np.asarray(tasks["goal"]),
                                       np.asarray(env.task_set()["goal"]))
+
+
+def test_info_reports_versions_backend_and_devices():
+    import platform
+
+    result = run_cli("info")
+    assert result.exit_code == 0, result.output
+    # label, two or more spaces, value
+    rows = dict(re.split(r"\s{2,}", line, maxsplit=1)
+                for line in result.output.strip().splitlines())
+    assert rows["jax"] == jax.__version__ and rows["jaxlib"] == jax.lib.__version__
+    for name in ("flax", "optax", "brax", "orbax-checkpoint", "mujoco"):
+        assert rows[name][0].isdigit(), (name, rows[name])
+    assert rows["backend"] == jax.default_backend()
+    assert rows["python"].startswith(platform.python_version())
+    devices = [label for label in rows if label.startswith("device ")]
+    assert len(devices) == len(jax.devices())
+    if jax.default_backend() == "cpu":
+        assert rows["device 0"] == "cpu cpu, memory n/a"
+    assert f"{len(jax.devices('cpu'))} CPU device" in rows["CPU split"]
+    assert "XLA_FLAGS" in rows
+    # JAX has started in this process: the CPU can no longer be split.
+    result = CliRunner().invoke(main, ["info", "--cpu-devices", "2"])
+    assert result.exit_code == EXIT_CONFIG_ERROR
+    assert "cpu_devices: JAX has already started its CPU backend" in result.output
