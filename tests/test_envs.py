@@ -384,3 +384,18 @@ def test_one_list_of_brax_backends():
     with pytest.raises(ConfigError, match="env.backend: 'warp' not allowed; expected one of "
                                           + ", ".join(BRAX_BACKENDS)):
         build_dataclass(EnvConfig, {"backend": "warp"}, "env.")
+
+
+def test_environments_doc_lists_every_task_with_its_sizes():
+    import pathlib
+    import re
+
+    from metarl_jax.config import BRAX_BACKENDS
+    from metarl_jax.envs import describe_envs
+
+    text = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "environments.md").read_text()
+    documented = {m[0]: tuple(map(int, m[1:])) for m in re.findall(
+        r"^\| `([a-z0-9-]+)` \| (\d+) \| (\d+) \| (\d+) \|", text, flags=re.M)}
+    assert documented == {r["name"]: (r["observation_size"], r["action_size"], r["horizon"])
+                          for r in describe_envs()}
+    assert all(f"`{backend}`" in text for backend in BRAX_BACKENDS)
