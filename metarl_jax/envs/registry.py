@@ -50,7 +50,7 @@ def register_task(name: str) -> Callable[[type[TaskEnv]], type[TaskEnv]]:
             raise ValueError(f"register_task({name!r}): already registered by "
                              f"{existing.__module__}.{existing.__qualname__}")
         for attribute, kind in STATIC_ATTRIBUTES:
-            value = cls.__dict__.get(attribute, getattr(cls, attribute, None))
+            value = getattr(cls, attribute, None)  # declared here or inherited
             if not isinstance(value, kind) or isinstance(value, bool):
                 raise TypeError(f"register_task({name!r}): {cls.__qualname__} must declare "
                                 f"{attribute} ({kind.__name__}) as a class attribute, so "
