@@ -1,4 +1,4 @@
-"""The `metarl` command line: `metarl train | eval | plot | envs`."""
+"""The `metarl` command line: `metarl train | eval | plot | envs | info | experts`."""
 
 from __future__ import annotations
 
@@ -26,7 +26,8 @@ def main():
 
 @main.command()
 @click.option("--algo", help="Meta-learner, e.g. promp.")
-@click.option("--env", "env_name", help="Task distribution (see `metarl envs`).")
+@click.option("--env", "env_name", help="Task distribution (see `metarl envs`), or "
+              "module:attribute naming one of your own.")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False),
               help="YAML file of configuration keys.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
@@ -180,9 +181,9 @@ def plot(run_dirs, out_path, no_pre):
 @main.command()
 def envs():
     """List every task distribution with its sizes, horizon and tasks."""
-    from metarl_jax import trainer
+    from metarl_jax.envs import BRAX_BACKENDS, describe_envs
 
-    rows = trainer.describe_envs()
+    rows = describe_envs()
     header = ("name", "obs", "act", "horizon", "body", "tasks")
     table = [header] + [(r["name"], str(r["observation_size"]), str(r["action_size"]),
                          str(r["horizon"]), r["body"], r["tasks"]) for r in rows]
@@ -190,6 +191,26 @@ def envs():
     for row in table:
         click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths))
                    + "  " + row[5])
+    click.echo(f"\nBrax backends (env.backend): {', '.join(BRAX_BACKENDS)}; a task of your "
+               "own: --env module:attribute (docs/custom_tasks.md)")
+
+
+@main.command()
+@click.option("--cpu-devices", type=int, help="Split the host CPU into this many devices "
+              "first, as `metarl train --cpu-devices` does.")
+def info(cpu_devices):
+    """Print versions (JAX, jaxlib, flax, optax, brax, orbax, mujoco), Python, the platform,
+    XLA_FLAGS, the CPU split, and each device with its memory."""
+    from metarl_jax import distributed
+    from metarl_jax.info import collect, format_rows
+
+    if cpu_devices is not None:
+        try:
+            distributed.split_cpu(cpu_devices)
+        except ConfigError as error:
+            click.echo(f"error: {error}", err=True)
+            sys.exit(EXIT_CONFIG_ERROR)
+    click.echo(format_rows(collect()))
 
 
 @main.command()

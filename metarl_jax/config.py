@@ -66,10 +66,16 @@ def field(default, **metadata):
 # --- dataclasses ----------------------------------------------------------------------
 
 
+# The Brax physics pipelines a Brax task can run on (`env.backend`); the first is the
+# default and the one the published settings use. Pure-JAX tasks ignore the backend.
+BRAX_BACKENDS = ("generalized", "positional", "spring", "mjx")
+
+
 @dataclasses.dataclass(frozen=True)
 class EnvConfig:
+    # A registered task (`metarl envs`) or `module:attribute` naming a task of your own.
     name: str = "point-nav"
-    backend: str = field("generalized", **one_of("generalized", "positional", "spring", "mjx"))
+    backend: str = field(BRAX_BACKENDS[0], **one_of(*BRAX_BACKENDS))
 
 
 @dataclasses.dataclass(frozen=True)

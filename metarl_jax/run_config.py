@@ -12,7 +12,7 @@ from metarl_jax.algorithms import ALGORITHMS
 from metarl_jax.algorithms.maml import MAML_VARIANTS
 from metarl_jax.config import (ConfigError, EnvConfig, at_least, build_dataclass, field, merge,
                                to_dict)
-from metarl_jax.envs import ENVIRONMENTS, env_names, make_env
+from metarl_jax.envs import lookup, make_env
 from metarl_jax.policies import GaussianPolicy
 
 
@@ -82,7 +82,7 @@ DEFAULT_EXPERIMENT: dict[str, Any] = {"algo": "promp", "env": {"name": "point-na
 def published_setting(env_name: str, algo: str) -> dict:
     """The keys `env_name`'s published setting gives `algo` (see PUBLISHED_SETTINGS)."""
     setting: dict = {}
-    for algorithms, keys in PUBLISHED_SETTINGS[env_name]:
+    for algorithms, keys in PUBLISHED_SETTINGS.get(env_name, ()):  # none for one's own task
         if algorithms is EVERY or algo in algorithms:
             setting = merge(setting, keys)
     return setting
@@ -119,9 +119,7 @@ def resolve_config(raw: dict) -> RunConfig:
         raise ConfigError(f"config: algo: unknown algorithm {algo!r}; allowed: "
                           + ", ".join(sorted(ALGORITHMS)))
     env_name = raw.get("env", {}).get("name", EnvConfig.name)
-    if not isinstance(env_name, str) or env_name not in ENVIRONMENTS:
-        raise ConfigError(f"config: env.name: unknown environment {env_name!r}; "
-                          f"allowed: {', '.join(env_names())}")
+    task = lookup(env_name)  # a registered task or module:attribute; ConfigError if neither
     raw = merge(published_setting(env_name, algo), raw)
     run_keys = {f.name for f in dataclasses.fields(RunSettings)}
     run = build_dataclass(RunSettings, {k: v for k, v in raw.items() if k in run_keys})
@@ -144,7 +142,7 @@ def resolve_config(raw: dict) -> RunConfig:
     hyper = build_dataclass(algorithm_class.config_class,
                             {k: v for k, v in raw.items() if k not in run_keys})
     if hyper.horizon is None:
-        hyper = dataclasses.replace(hyper, horizon=ENVIRONMENTS[run.env.name].horizon)
+        hyper = dataclasses.replace(hyper, horizon=task.horizon)
     return RunConfig(run=run, algorithm=hyper)
 
 

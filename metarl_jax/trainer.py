@@ -262,9 +262,3 @@ def train(config: RunConfig, out_dir: str | None = None, force: bool = False,
             raise Interrupted(f"interrupted after iteration {last_done}") from None
     return Training(history=history, state=state)
 
-
-def describe_envs() -> list[dict]:
-    """One row per registered environment (builds each, which loads Brax models)."""
-    from metarl_jax.envs import env_names, make_env
-
-    return [make_env(name).describe() for name in env_names()]

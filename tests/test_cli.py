@@ -2,6 +2,7 @@
 
 import json
 import pathlib
+import re
 import time
 
 import jax
@@ -144,10 +145,12 @@ def test_existing_run_is_not_overwritten_without_force(tmp_path):
 def test_envs_lists_every_environment():
     result = run_cli("envs")
     assert result.exit_code == 0
-    lines = result.output.strip().splitlines()
+    table, footer = result.output.strip().split("\n\n")
+    lines = table.splitlines()
     assert lines[0].split()[:4] == ["name", "obs", "act", "horizon"]
     assert lines[0].split()[4:] == ["body", "tasks"]
     rows = {line.split()[0]: line.split()[1:5] for line in lines[1:]}
+    assert list(rows) == sorted(ENVIRONMENTS)
     assert rows == {
         "point-nav": ["2", "2", "100", "pure"],
         "halfcheetah-dir": ["17", "6", "100", "halfcheetah"],
@@ -166,6 +169,7 @@ def test_envs_lists_every_environment():
     }
     assert "quarter circle of radius 2" in result.output
     assert "1.5^U(-3,3)" in result.output
+    assert "generalized, positional, spring, mjx" in footer and "module:attribute" in footer
 
 
 # The published settings, written out from the papers' tables: per task (H, M, N, K, α,
@@ -334,3 +338,28 @@ def test_gmps_ring_configs_use_the_forty_ring_goals():
         tasks = env.training_tasks(jax.random.PRNGKey(0), config.algorithm.gmps.num_train_tasks)
         np.testing.assert_array_equal(np.asarray(tasks["goal"]),
                                       np.asarray(env.task_set()["goal"]))
+
+
+def test_info_reports_versions_backend_and_devices():
+    import platform
+
+    result = run_cli("info")
+    assert result.exit_code == 0, result.output
+    # label, two or more spaces, value
+    rows = dict(re.split(r"\s{2,}", line, maxsplit=1)
+                for line in result.output.strip().splitlines())
+    assert rows["jax"] == jax.__version__ and rows["jaxlib"] == jax.lib.__version__
+    for name in ("flax", "optax", "brax", "orbax-checkpoint", "mujoco"):
+        assert rows[name][0].isdigit(), (name, rows[name])
+    assert rows["backend"] == jax.default_backend()
+    assert rows["python"].startswith(platform.python_version())
+    devices = [label for label in rows if label.startswith("device ")]
+    assert len(devices) == len(jax.devices())
+    if jax.default_backend() == "cpu":
+        assert rows["device 0"] == "cpu cpu, memory n/a"
+    assert f"{len(jax.devices('cpu'))} CPU device" in rows["CPU split"]
+    assert "XLA_FLAGS" in rows
+    # JAX has started in this process: the CPU can no longer be split.
+    result = CliRunner().invoke(main, ["info", "--cpu-devices", "2"])
+    assert result.exit_code == EXIT_CONFIG_ERROR
+    assert "cpu_devices: JAX has already started its CPU backend" in result.output

@@ -292,3 +292,110 @@ def test_velocity_task_sampling():
     assert velocities.min() >= 0.0 and velocities.max() <= 2.0
     assert velocities.min() < 0.02 and velocities.max() > 1.98
     np.testing.assert_allclose(velocities.mean(), 1.0, atol=0.05)
+
+
+# ---------------------------------------------------------------------------------------
+# The registry
+# ---------------------------------------------------------------------------------------
+
+
+def _task_classes():
+    """Every concrete task distribution defined in the package's modules."""
+    import inspect
+    import pkgutil
+
+    import metarl_jax.envs as package
+    from metarl_jax.envs.base import TaskEnv
+
+    found = set()
+    for info in pkgutil.iter_modules(package.__path__):
+        module = __import__(f"metarl_jax.envs.{info.name}", fromlist=["_"])
+        for _, cls in inspect.getmembers(module, inspect.isclass):
+            if (issubclass(cls, TaskEnv) and cls.__module__ == module.__name__
+                    and not inspect.isabstract(cls) and "task_distribution" in vars(cls)):
+                found.add(cls)
+    return found
+
+
+def test_every_task_class_is_registered_and_described_without_building(monkeypatch):
+    from metarl_jax.envs import ENVIRONMENTS, describe_envs, env_names, locomotion
+
+    assert set(ENVIRONMENTS.values()) == _task_classes()
+    assert len(ENVIRONMENTS) == 14 and all(ENVIRONMENTS[n].name == n for n in ENVIRONMENTS)
+
+    def no_model(*args):
+        raise AssertionError("describe_envs built a Brax model")
+
+    monkeypatch.setattr(locomotion, "_brax_env", no_model)
+    rows = describe_envs()
+    assert [r["name"] for r in rows] == env_names()
+    assert {r["name"]: (r["observation_size"], r["action_size"], r["horizon"], r["body"])
+            for r in rows}["ant-goal"] == (29, 8, 200, "ant")
+
+
+def test_static_rows_equal_the_built_envs(cheetah_dir, ant_dir, point_nav):
+    # test_task_suite.py checks the same for every Brax task it builds.
+    from metarl_jax.envs import ENVIRONMENTS, describe
+
+    for env in (cheetah_dir[0], ant_dir[0], point_nav):
+        assert describe(ENVIRONMENTS[env.name]) == env.describe()
+
+
+def test_a_brax_task_checks_its_declared_sizes_when_built(cheetah_dir):
+    from metarl_jax.envs.locomotion import HalfCheetahDirection
+
+    class Misdeclared(HalfCheetahDirection):
+        observation_size = 18
+
+    with pytest.raises(TypeError, match="declares observation_size 18, but Brax's "
+                                        r"halfcheetah \(generalized\) has 17"):
+        Misdeclared()
+
+
+def test_register_task_refuses_incomplete_or_clashing_definitions(monkeypatch):
+    from metarl_jax.envs import ENVIRONMENTS, register_task
+    from metarl_jax.envs.point_nav import PointNav
+
+    monkeypatch.setattr("metarl_jax.envs.registry.ENVIRONMENTS", dict(ENVIRONMENTS))
+
+    class Undeclared(PointNav):
+        observation_size = None
+
+    with pytest.raises(TypeError, match="must declare observation_size"):
+        register_task("undeclared")(Undeclared)
+    with pytest.raises(ValueError, match="already registered by metarl_jax.envs.point_nav"):
+        register_task("point-nav")(type("Other", (PointNav,), {}))
+    with pytest.raises(ValueError, match="reads as an import path"):
+        register_task("my:task")(type("Other", (PointNav,), {}))
+    with pytest.raises(TypeError, match="is not a TaskEnv subclass"):
+        register_task("thing")(object)
+    register_task("point-nav-copy")(type("Copy", (PointNav,), {}))
+    from metarl_jax.envs import registry
+
+    assert "point-nav-copy" in registry.ENVIRONMENTS and "point-nav-copy" not in ENVIRONMENTS
+
+
+def test_one_list_of_brax_backends():
+    from metarl_jax.config import BRAX_BACKENDS, ConfigError, EnvConfig, build_dataclass
+    from metarl_jax.envs import locomotion
+
+    assert locomotion.BRAX_BACKENDS is BRAX_BACKENDS
+    assert EnvConfig().backend == BRAX_BACKENDS[0] == "generalized"
+    with pytest.raises(ConfigError, match="env.backend: 'warp' not allowed; expected one of "
+                                          + ", ".join(BRAX_BACKENDS)):
+        build_dataclass(EnvConfig, {"backend": "warp"}, "env.")
+
+
+def test_environments_doc_lists_every_task_with_its_sizes():
+    import pathlib
+    import re
+
+    from metarl_jax.config import BRAX_BACKENDS
+    from metarl_jax.envs import describe_envs
+
+    text = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "environments.md").read_text()
+    documented = {m[0]: tuple(map(int, m[1:])) for m in re.findall(
+        r"^\| `([a-z0-9-]+)` \| (\d+) \| (\d+) \| (\d+) \|", text, flags=re.M)}
+    assert documented == {r["name"]: (r["observation_size"], r["action_size"], r["horizon"])
+                          for r in describe_envs()}
+    assert all(f"`{backend}`" in text for backend in BRAX_BACKENDS)

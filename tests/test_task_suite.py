@@ -16,7 +16,7 @@ import pytest
 
 from metarl_jax.algorithms.common import sample_adaptation_phases
 from metarl_jax.algorithms.promp import ProMP, ProMPConfig
-from metarl_jax.envs import PhysicsParameters, env_names, make_env
+from metarl_jax.envs import ENVIRONMENTS, PhysicsParameters, describe, env_names, make_env
 from metarl_jax.envs.locomotion import ring_goals
 from metarl_jax.policies import GaussianPolicy
 from metarl_jax.advantages import discounted_returns
@@ -523,6 +523,9 @@ BRAX_TASKS = [name for name in env_names() if name != "point-nav"]
 def test_one_promp_iteration_on_every_task(name):
     """Tiny batch, one compiled meta-iteration; `ant-dir` also runs through the CLI."""
     env = make_env(name, horizon=6)
+    # The `metarl envs` row, read from the class without building, is the built env's.
+    declared = ENVIRONMENTS[name]
+    assert describe(declared) == {**env.describe(), "horizon": declared.horizon}
     config = ProMPConfig(meta_batch_size=2, episodes_per_task=2, horizon=6, promp_steps=1)
     policy = GaussianPolicy(env.observation_size, env.action_size, (8,))
     algorithm = ProMP(config, env, policy)

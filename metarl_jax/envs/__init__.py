@@ -1,45 +1,26 @@
-"""Task distributions and the `make_env` registry."""
+"""Task distributions: the registry, `make_env`, and every built-in task.
+
+A built-in task registers itself (`@register_task("name")` on its class, see
+metarl_jax.envs.registry); every module of this package is imported here, so a task
+defined in a new module needs no other edit. A task of one's own, outside the package,
+is named by import path (`module:attribute`, metarl_jax.envs.custom).
+"""
 
 from __future__ import annotations
 
-from metarl_jax.envs.base import EnvState, TaskEnv, scale_locomotion_action
-from metarl_jax.envs.locomotion import (BRAX_BACKENDS, AntDirection, AntDirection2D, AntGoal,
-                                        AntGoalRing, AntGoalRingSparse, BraxTaskEnv,
-                                        HalfCheetahDirection, HalfCheetahVelocity,
-                                        HopperParameters, HumanoidDirection,
-                                        HumanoidDirection2D, PhysicsParameters,
-                                        WalkerDirection, WalkerParameters, WalkerVelocity)
-from metarl_jax.envs.point_nav import PointNav
+import importlib
+import pkgutil
 
-ENVIRONMENTS: dict[str, type[TaskEnv]] = {
-    cls.name: cls
-    for cls in (PointNav, HalfCheetahDirection, HalfCheetahVelocity, AntDirection,
-                AntDirection2D, AntGoal, AntGoalRing, AntGoalRingSparse, WalkerDirection,
-                WalkerVelocity, HopperParameters, WalkerParameters, HumanoidDirection,
-                HumanoidDirection2D)
-}
+from metarl_jax.config import BRAX_BACKENDS
+from metarl_jax.envs.base import EnvState, TaskEnv, describe, scale_locomotion_action
+from metarl_jax.envs.registry import (ENVIRONMENTS, TaskSpec, describe_envs, env_names, lookup,
+                                      make_env, register_task)
 
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
 
-def env_names() -> list[str]:
-    return sorted(ENVIRONMENTS)
+from metarl_jax.envs.locomotion import BraxTaskEnv, PhysicsParameters  # noqa: E402
 
-
-def make_env(name: str, **options) -> TaskEnv:
-    """Builds the task distribution `name`.
-
-    Options: `backend` (Brax tasks: one of BRAX_BACKENDS; ignored by pure-JAX tasks) and
-    `horizon` (defaults to the published setting's).
-    """
-    if name not in ENVIRONMENTS:
-        raise ValueError(f"env.name: unknown environment {name!r}; allowed: "
-                         f"{', '.join(env_names())}")
-    cls = ENVIRONMENTS[name]
-    if not issubclass(cls, BraxTaskEnv):
-        options.pop("backend", None)
-    if options.get("horizon") is None:
-        options.pop("horizon", None)
-    return cls(**options)
-
-
-__all__ = ["EnvState", "TaskEnv", "make_env", "env_names", "ENVIRONMENTS", "BRAX_BACKENDS",
+__all__ = ["EnvState", "TaskEnv", "TaskSpec", "make_env", "env_names", "lookup",
+           "register_task", "describe", "describe_envs", "ENVIRONMENTS", "BRAX_BACKENDS",
            "BraxTaskEnv", "PhysicsParameters", "scale_locomotion_action"]

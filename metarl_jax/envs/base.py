@@ -44,9 +44,10 @@ class EnvState:
 class TaskEnv(abc.ABC):
     """A distribution of tasks sharing dynamics, observation and action spaces.
 
-    Subclasses set `name`, `observation_size`, `action_size`, `horizon` (the default
-    episode length of the published setting) and `task_distribution` (one line for
-    `metarl envs`).
+    Subclasses set `observation_size`, `action_size`, `horizon` (the default episode
+    length of the published setting) and `task_distribution` (one line for
+    `metarl envs`); `register_task` (metarl_jax.envs.registry) sets `name`. A registered
+    task declares them as class attributes.
     """
 
     name: str
@@ -115,14 +116,20 @@ class TaskEnv(abc.ABC):
         return jax.tree.map(lambda leaf: leaf[index], self.task_set())
 
     def describe(self) -> dict:
-        return {
-            "name": self.name,
-            "observation_size": self.observation_size,
-            "action_size": self.action_size,
-            "horizon": self.horizon,
-            "body": getattr(self, "brax_name", "pure JAX"),
-            "tasks": self.task_distribution,
-        }
+        return describe(self)
+
+
+def describe(env: TaskEnv | type[TaskEnv]) -> dict:
+    """The `metarl envs` row of a task distribution, built or not: a registered class
+    declares every field, so the row of the class and of a built env agree."""
+    return {
+        "name": env.name,
+        "observation_size": env.observation_size,
+        "action_size": env.action_size,
+        "horizon": env.horizon,
+        "body": getattr(env, "brax_name", "pure JAX"),
+        "tasks": getattr(env, "task_distribution", ""),
+    }
 
 
 def scale_locomotion_action(action: jax.Array, action_scale: float = 10.0) -> jax.Array:

@@ -24,9 +24,9 @@ import warnings
 import jax
 import jax.numpy as jnp
 
+from metarl_jax.config import BRAX_BACKENDS
 from metarl_jax.envs.base import EnvState, TaskEnv, scale_locomotion_action
-
-BRAX_BACKENDS = ("generalized", "positional", "spring", "mjx")
+from metarl_jax.envs.registry import register_task
 
 
 @functools.lru_cache(maxsize=None)
@@ -76,7 +76,12 @@ def _observation_size(brax_name: str, backend: str, options: tuple = ()) -> int:
 
 
 class BraxTaskEnv(TaskEnv):
-    """A Brax body plus a task-conditioned reward."""
+    """A Brax body plus a task-conditioned reward.
+
+    A subclass declares `observation_size` and `action_size` (so the task is listed
+    without loading its model); building it checks them against what the Brax model
+    reports, on any backend. A subclass that declares none takes the model's.
+    """
 
     brax_name: str
     # Constructor options of the Brax environment, as (name, value) pairs.
@@ -89,8 +94,15 @@ class BraxTaskEnv(TaskEnv):
                              f"allowed: {', '.join(BRAX_BACKENDS)}")
         self.backend = backend
         self.brax_env = _brax_env(self.brax_name, backend, self.brax_options)
-        self.observation_size = _observation_size(self.brax_name, backend, self.brax_options)
-        self.action_size = int(self.brax_env.action_size)
+        built = {"observation_size": _observation_size(self.brax_name, backend,
+                                                       self.brax_options),
+                 "action_size": int(self.brax_env.action_size)}
+        for attribute, size in built.items():
+            declared = getattr(type(self), attribute, None)
+            if declared is not None and declared != size:
+                raise TypeError(f"{type(self).__qualname__}: declares {attribute} {declared}, "
+                                f"but Brax's {self.brax_name} ({backend}) has {size}")
+            setattr(self, attribute, size)
         if horizon is not None:
             self.horizon = horizon
 
@@ -122,8 +134,10 @@ def _random_sign(key, num_tasks):
     return jnp.where(jax.random.bernoulli(key, 0.5, (num_tasks,)), 1.0, -1.0)
 
 
+@register_task("halfcheetah-dir")
 class HalfCheetahDirection(BraxTaskEnv):
-    name = "halfcheetah-dir"
+    observation_size = 17
+    action_size = 6
     brax_name = "halfcheetah"
     horizon = 100
     can_terminate = False  # Brax's halfcheetah never reports done
@@ -138,8 +152,10 @@ class HalfCheetahDirection(BraxTaskEnv):
                 - self.ctrl_cost_weight * jnp.sum(env_action ** 2))
 
 
+@register_task("halfcheetah-vel")
 class HalfCheetahVelocity(BraxTaskEnv):
-    name = "halfcheetah-vel"
+    observation_size = 17
+    action_size = 6
     brax_name = "halfcheetah"
     horizon = 100
     can_terminate = False  # Brax's halfcheetah never reports done
@@ -154,6 +170,7 @@ class HalfCheetahVelocity(BraxTaskEnv):
                 - self.ctrl_cost_weight * jnp.sum(env_action ** 2))
 
 
+@register_task("ant-dir")
 class AntDirection(BraxTaskEnv):
     """Ant running forward or backward along x.
 
@@ -161,7 +178,8 @@ class AntDirection(BraxTaskEnv):
     the contact cost of the MuJoCo task is zero here, as in every Brax ant.
     """
 
-    name = "ant-dir"
+    observation_size = 27
+    action_size = 8
     brax_name = "ant"
     horizon = 100
     task_distribution = ("direction d in {-1, +1}; reward d*v_x - 0.5||a||^2 - contact + 1; "
@@ -196,10 +214,10 @@ def _planar_position(metrics):
     return jnp.stack([metrics["x_position"], metrics["y_position"]])
 
 
+@register_task("ant-dir2d")
 class AntDirection2D(AntDirection):
     """Ant running along a direction drawn uniformly on the circle."""
 
-    name = "ant-dir2d"
     task_distribution = ("direction u = n/||n||, n ~ N(0, I2); reward u.(v_x, v_y) "
                          "- 0.5||a||^2 - contact + 1; terminates when unhealthy")
 
@@ -210,6 +228,7 @@ class AntDirection2D(AntDirection):
         return jnp.dot(task["direction"], _planar_velocity(metrics))
 
 
+@register_task("ant-goal")
 class AntGoal(BraxTaskEnv):
     """Ant walking to a goal position in the disc of radius 3 (ProMP AntRandGoal).
 
@@ -217,7 +236,8 @@ class AntGoal(BraxTaskEnv):
     default): without it no policy can tell where it stands relative to the goal.
     """
 
-    name = "ant-goal"
+    observation_size = 29
+    action_size = 8
     brax_name = "ant"
     brax_options = (("exclude_current_positions_from_observation", False),)
     horizon = 200
@@ -247,6 +267,7 @@ def ring_goals(num_goals: int = 40, radius: float = 2.0) -> jax.Array:
     return radius * jnp.stack([jnp.cos(angle), jnp.sin(angle)], axis=-1)
 
 
+@register_task("ant-goal-ring")
 class AntGoalRing(BraxTaskEnv):
     """Ant walking to one of 40 goals on a quarter circle of radius 2 (GMPS).
 
@@ -262,7 +283,8 @@ class AntGoalRing(BraxTaskEnv):
     set is exposed by `task_set()`, which GMPS uses as its meta-training tasks.
     """
 
-    name = "ant-goal-ring"
+    observation_size = 29
+    action_size = 8
     brax_name = "ant"
     healthy_z_range = (0.2, 1.0)
     brax_options = (("exclude_current_positions_from_observation", False),
@@ -303,8 +325,8 @@ class AntGoalRing(BraxTaskEnv):
                 + self.survive_reward)
 
 
+@register_task("ant-goal-ring-sparse")
 class AntGoalRingSparse(AntGoalRing):
-    name = "ant-goal-ring-sparse"
     sparse = True
     demonstration_sources = ("ant-goal-ring",)
     task_distribution = ("one of 40 goals on the quarter circle of radius 2; goal term "
@@ -313,10 +335,12 @@ class AntGoalRingSparse(AntGoalRing):
                          "when the torso height leaves [0.2, 1]")
 
 
+@register_task("walker-dir")
 class WalkerDirection(BraxTaskEnv):
     """Walker2d running forward or backward; Brax's healthy range ends the episode."""
 
-    name = "walker-dir"
+    observation_size = 17
+    action_size = 6
     brax_name = "walker2d"
     horizon = 200
     task_distribution = ("direction d in {-1, +1}; reward d*v_x + 1 - 1e-3||a||^2; "
@@ -332,8 +356,10 @@ class WalkerDirection(BraxTaskEnv):
                 - self.ctrl_cost_weight * jnp.sum(env_action ** 2))
 
 
+@register_task("walker-vel")
 class WalkerVelocity(BraxTaskEnv):
-    name = "walker-vel"
+    observation_size = 17
+    action_size = 6
     brax_name = "walker2d"
     horizon = 200
     task_distribution = ("target velocity v* ~ U[0, 10]; reward -|v_x - v*| + 15 "
@@ -420,20 +446,25 @@ class PhysicsParameters(BraxTaskEnv):
                 - self.ctrl_cost_weight * jnp.sum(env_action ** 2))
 
 
+@register_task("hopper-params")
 class HopperParameters(PhysicsParameters):
-    name = "hopper-params"
+    observation_size = 11
+    action_size = 3
     brax_name = "hopper"
     task_distribution = ("masses, inertias x1.5^U(-3,3), damping x1.3^U(-3,3), friction "
                          "x1.5^U(-3,3); reward v_x + 1 - 1e-3||a||^2; terminates when "
                          "unhealthy")
 
 
+@register_task("walker-params")
 class WalkerParameters(PhysicsParameters):
-    name = "walker-params"
+    observation_size = 17
+    action_size = 6
     brax_name = "walker2d"
     task_distribution = HopperParameters.task_distribution
 
 
+@register_task("humanoid-dir")
 class HumanoidDirection(BraxTaskEnv):
     """Humanoid running forward or backward.
 
@@ -443,7 +474,8 @@ class HumanoidDirection(BraxTaskEnv):
     no impact cost (as in every Brax humanoid).
     """
 
-    name = "humanoid-dir"
+    observation_size = 244
+    action_size = 17
     brax_name = "humanoid"
     horizon = 200
     task_distribution = ("direction d in {-1, +1}; reward 1.25 d*v_com,x - 0.1||ctrl||^2 "
@@ -461,8 +493,8 @@ class HumanoidDirection(BraxTaskEnv):
                 + metrics["reward_quadctrl"] + metrics["reward_alive"])
 
 
+@register_task("humanoid-dir2d")
 class HumanoidDirection2D(HumanoidDirection):
-    name = "humanoid-dir2d"
     task_distribution = ("direction u uniform on the circle; reward 1.25 u.v_com,xy "
                          "- 0.1||ctrl||^2 + 5; terminates when unhealthy")
 

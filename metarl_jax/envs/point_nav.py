@@ -13,10 +13,11 @@ import jax
 import jax.numpy as jnp
 
 from metarl_jax.envs.base import EnvState, TaskEnv
+from metarl_jax.envs.registry import register_task
 
 
+@register_task("point-nav")
 class PointNav(TaskEnv):
-    name = "point-nav"
     observation_size = 2
     action_size = 2
     horizon = 100
