@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 
 
 def resolve_horizon(env: TaskEnv, config: ExpertConfig) -> int:
+    """The experts' episode length: `config.horizon`, or the environment's default."""
     return int(config.horizon if config.horizon is not None else env.horizon)
 
 
@@ -45,11 +46,14 @@ def validate_expert_config(env: TaskEnv, config: ExpertConfig) -> None:
 
 
 def expert_policy(env: TaskEnv, config: ExpertConfig) -> GaussianPolicy:
+    """The experts' policy network (one parameter set per task shares it)."""
     return GaussianPolicy(env.observation_size, env.action_size, tuple(config.hidden_sizes),
                           config.activation)
 
 
 class _ValueMLP(nn.Module):
+    """V(s, t/H): an MLP on the observation and the step within the episode over H."""
+
     hidden_sizes: Sequence[int]
     activation: str = "tanh"
 
