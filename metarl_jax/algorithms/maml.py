@@ -173,10 +173,12 @@ class OuterStep:
 
 
 def vpg_optimizer(config: MAMLVPGConfig) -> optax.GradientTransformation:
+    """Adam at `outer_lr` with the default moments (0.9, 0.999) and ε = 1e-8."""
     return optax.adam(config.outer_lr, b1=0.9, b2=0.999, eps=1e-8)
 
 
 def vpg_init(config: MAMLVPGConfig, params) -> optax.OptState:
+    """Adam's state for `params`."""
     return vpg_optimizer(config).init(params)
 
 
