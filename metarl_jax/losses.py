@@ -15,6 +15,8 @@ from metarl_jax.rollout import Trajectories
 
 
 def masked_mean(values: jax.Array, masks: jax.Array) -> jax.Array:
+    """Σ values · masks / max(Σ masks, 1): the mean over the real (mask 1) entries, 0 when
+    there are none."""
     return jnp.sum(values * masks) / jnp.maximum(jnp.sum(masks), 1.0)
 
 
@@ -99,23 +101,34 @@ def dice_loss(policy: GaussianPolicy, params, batch: Trajectories) -> jax.Array:
     return -masked_mean(magic_box(cumulative) * batch.advantages, batch.masks)
 
 
+def clipped_surrogate(ratio: jax.Array, advantages: jax.Array, masks: jax.Array,
+                      clip_eps: float) -> tuple[jax.Array, jax.Array]:
+    """PPO's clipped surrogate (Schulman et al. 2017), to be *maximised*:
+
+        mean_{real steps} min(r Â, clip(r, 1 − ε, 1 + ε) Â),
+
+    with `ratio` r = π(a|s) / π_old(a|s) and `masks` marking the real steps. Returns
+    (objective, clip fraction: the share of real steps with |r − 1| > ε).
+    """
+    unclipped = ratio * advantages
+    clipped = jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps) * advantages
+    objective = masked_mean(jnp.minimum(unclipped, clipped), masks)
+    clip_fraction = masked_mean((jnp.abs(ratio - 1.0) > clip_eps).astype(ratio.dtype), masks)
+    return objective, clip_fraction
+
+
 def promp_clipped_objective(policy: GaussianPolicy, params, batch: Trajectories,
                             clip_eps: float) -> tuple[jax.Array, jax.Array]:
-    """PPO's clipped surrogate on post-update samples (ProMP's outer objective, to be
+    """`clipped_surrogate` on post-update samples (ProMP's outer objective, to be
     *maximised*):
 
         mean_{(s',a')} min(r Â', clip(r, 1 − ε, 1 + ε) Â'),
         r = exp(log π_φK(a'|s') − logp_old'(a'|s')).
 
-    Returns (objective, clip fraction: the share of real steps with |r − 1| > ε).
+    Returns (objective, clip fraction).
     """
-    ratio = likelihood_ratio(policy, params, batch)
-    unclipped = ratio * batch.advantages
-    clipped = jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps) * batch.advantages
-    objective = masked_mean(jnp.minimum(unclipped, clipped), batch.masks)
-    clip_fraction = masked_mean((jnp.abs(ratio - 1.0) > clip_eps).astype(ratio.dtype),
-                                batch.masks)
-    return objective, clip_fraction
+    return clipped_surrogate(likelihood_ratio(policy, params, batch), batch.advantages,
+                             batch.masks, clip_eps)
 
 
 def mean_kl_from_sampler(policy: GaussianPolicy, params, batch: Trajectories) -> jax.Array:

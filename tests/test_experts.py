@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from metarl_jax import experts
 from metarl_jax.cli import EXIT_CONFIG_ERROR, main
 from metarl_jax.config import ConfigError
 from metarl_jax.envs import make_env
 from metarl_jax.envs.base import EnvState, TaskEnv
-from metarl_jax.experts import (Demonstrations, ExpertConfig, collect_demonstrations,
-                                expert_actions, expert_policy, load_demonstrations,
-                                save_demonstrations, train_experts)
+from metarl_jax.demonstrations import (Demonstrations, collect_demonstrations, expert_actions,
+                                       load_demonstrations, save_demonstrations)
+from metarl_jax.experts import ExpertConfig
+from metarl_jax.ppo import PPO, expert_policy, train_experts
 from metarl_jax.rollout import collect
 
 HORIZON = 25
@@ -31,14 +31,14 @@ def trained():
     env = make_env("point-nav", horizon=HORIZON)
     tasks = env.sample_tasks(jax.random.PRNGKey(3), NUM_TASKS)
     traces = []
-    original = experts._PPO.iteration
+    original = PPO.iteration
 
     def counted(self, *args):
         traces.append(1)  # runs only when jit traces the iteration
         return original(self, *args)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(experts._PPO, "iteration", counted)
+        patch.setattr(PPO, "iteration", counted)
         params, info = train_experts(env, tasks, CONFIG, jax.random.PRNGKey(0))
     info["traces"] = len(traces)
     policy = expert_policy(env, CONFIG)
@@ -416,7 +416,7 @@ def test_ppo_time_feature_and_returns_restart_with_every_episode():
     env = _FourStepEpisodes()
     config = ExpertConfig(num_tasks=2, iterations=2, episodes_per_iteration=2, horizon=10,
                           hidden_sizes=(4,), value_hidden_sizes=(4,), minibatches=2)
-    ppo = experts._PPO(env, expert_policy(env, config), config)
+    ppo = PPO(env, expert_policy(env, config), config)
     state = ppo.init(jax.random.PRNGKey(0), 2)
     tasks = env.sample_tasks(jax.random.PRNGKey(1), 2)
     batch = collect(env, ppo.policy, state.params["policy"], tasks, jax.random.PRNGKey(2), 2,

@@ -13,9 +13,8 @@ import pytest
 from metarl_jax import run_config, run_dir
 from metarl_jax.algorithms.common import (phase_returns, sample_adaptation_phases,
                                           standard_advantages)
-from metarl_jax.algorithms.gmps import append_to_buffer
-from metarl_jax.experts import (collect_demonstrations, expert_actions, load_demonstrations,
-                                save_demonstrations)
+from metarl_jax.demonstrations import (DaggerRing, append_to_ring, collect_demonstrations,
+                                       expert_actions, load_demonstrations, save_demonstrations)
 from metarl_jax.losses import (importance_weighted_pg_loss, inner_update,
                                log_likelihood_loss)
 from metarl_jax.policies import BiasTransformPolicy, GaussianPolicy, mlp_mean
@@ -37,7 +36,7 @@ def with_synthetic_demos(algorithm, state, demos_per_task=10):
     """Fills the demonstrations with `demos_per_task` (s, a*) pairs per task (a* =
     (0.02 i, −0.02 i) for task i) and gives each task an expert whose mean action is the
     constant (i, −i), outside the ±0.1 bound for i ≥ 1."""
-    T, D = state.demo_observations.shape[:2]
+    T, D = state.demos.observations.shape[:2]
     observations = jax.random.normal(jax.random.PRNGKey(9), (T, D, 2)) * 0.3
     actions = 0.02 * jnp.stack([jnp.arange(T, dtype=jnp.float32),
                                 -jnp.arange(T, dtype=jnp.float32)], -1)[:, None, :]
@@ -46,8 +45,8 @@ def with_synthetic_demos(algorithm, state, demos_per_task=10):
     experts["params"]["Dense_2"]["bias"] = jnp.asarray(
         np.stack([np.arange(T), -np.arange(T)], -1), jnp.float32)
     counts = jnp.full((T,), demos_per_task, jnp.int32)
-    return state.replace(demo_observations=observations, demo_actions=actions,
-                         demo_counts=counts, expert_params=experts)
+    return state.replace(demos=state.demos.replace(observations=observations, actions=actions,
+                                                   counts=counts), expert_params=experts)
 
 
 def sampled_batch(algorithm, params):
@@ -139,39 +138,38 @@ def test_ring_buffer_keeps_its_bound_and_only_real_steps():
     new_obs = jnp.arange(14, dtype=jnp.float32).reshape(7, 2)
     new_actions = jnp.arange(7, dtype=jnp.float32)[:, None]
     masks = jnp.array([1, 1, 0, 1, 1, 1, 1], jnp.float32)
-    observations, actions, count, next_slot = append_to_buffer(
-        observations, actions, jnp.int32(3), jnp.int32(3), new_obs, new_actions, masks)
-    assert int(count) == 5 and int(next_slot) == (3 + 6) % 5
+    ring = append_to_ring(DaggerRing(observations, actions, jnp.int32(3), jnp.int32(3)),
+                          new_obs, new_actions, masks)
+    assert int(ring.counts) == 5 and int(ring.next_slot) == (3 + 6) % 5
     # Rows 1, 3, 4, 5, 6 written at slots 4, 0, 1, 2, 3 (row 0 would share slot 3 with
     # row 6: of more rows than slots, the last ones are kept).
-    np.testing.assert_array_equal(np.asarray(actions[:, 0]), [3, 4, 5, 6, 1])
+    np.testing.assert_array_equal(np.asarray(ring.actions[:, 0]), [3, 4, 5, 6, 1])
     # Many more rows than slots: exactly the last three, each slot written once.
     many = jnp.arange(40, dtype=jnp.float32)[:, None]
-    _, kept, count, next_slot = append_to_buffer(
-        jnp.zeros((3, 1)), jnp.zeros((3, 1)), jnp.int32(0), jnp.int32(1), many, many,
-        jnp.ones(40))
-    assert int(count) == 3 and int(next_slot) == (1 + 40) % 3
-    np.testing.assert_array_equal(np.sort(np.asarray(kept[:, 0])), [37, 38, 39])
+    ring = append_to_ring(DaggerRing(jnp.zeros((3, 1)), jnp.zeros((3, 1)), jnp.int32(0),
+                                     jnp.int32(1)), many, many, jnp.ones(40))
+    assert int(ring.counts) == 3 and int(ring.next_slot) == (1 + 40) % 3
+    np.testing.assert_array_equal(np.sort(np.asarray(ring.actions[:, 0])), [37, 38, 39])
 
 
 def test_dagger_never_displaces_a_demonstration():
     algorithm = build(dagger_every=1, dagger_buffer_size=30)
     state = with_synthetic_demos(algorithm, algorithm.init(jax.random.PRNGKey(0)),
                                  demos_per_task=10)
-    demos = jax.device_get((state.demo_observations, state.demo_actions, state.demo_counts))
+    demos = jax.device_get((state.demos.observations, state.demos.actions, state.demos.counts))
     step = jax.jit(algorithm.meta_iteration)
     for _ in range(3):  # 3 × 3 tasks × 36 visited states into rings of 30
         state, metrics = step(state)
     assert step._cache_size() == 1
-    for kept, original in zip(jax.device_get((state.demo_observations, state.demo_actions,
-                                              state.demo_counts)), demos):
+    for kept, original in zip(jax.device_get((state.demos.observations, state.demos.actions,
+                                              state.demos.counts)), demos):
         np.testing.assert_array_equal(kept, original)
-    counts = np.asarray(state.dagger_counts)
+    counts = np.asarray(state.dagger.counts)
     assert counts.max() == 30  # bounded
     for task in np.nonzero(counts)[0]:
         # Labelled with the task's expert, clipped to point-nav's ±0.1.
         label = np.clip([task, -task], -BOUND, BOUND)
-        np.testing.assert_allclose(np.asarray(state.dagger_actions[task]),
+        np.testing.assert_allclose(np.asarray(state.dagger.actions[task]),
                                    np.tile(label, (30, 1)), atol=1e-6)
     # The outer loss sees both: the 10 demonstrations and the DAgger states.
     task = int(np.nonzero(counts)[0][0])
@@ -227,10 +225,10 @@ def test_expert_labels_lie_inside_the_action_bounds(tmp_path):
                                expert_params=jax.device_get(experts), hidden_sizes=(8, 8))
     prepared = build(demos=str(path), dagger_every=1)
     state = prepared.prepare(prepared.init(jax.random.PRNGKey(0)))
-    assert np.max(np.abs(state.demo_actions)) <= np.float32(BOUND)
+    assert np.max(np.abs(state.demos.actions)) <= np.float32(BOUND)
     state, _ = jax.jit(prepared.meta_iteration)(state)  # DAgger labels: clipped too
-    assert int(jnp.max(state.dagger_counts)) > 0
-    assert np.max(np.abs(state.dagger_actions)) <= np.float32(BOUND)
+    assert int(jnp.max(state.dagger.counts)) > 0
+    assert np.max(np.abs(state.dagger.actions)) <= np.float32(BOUND)
 
 
 def test_meta_policy_appends_a_learned_bias_transformation():
@@ -285,14 +283,14 @@ def test_dagger_labels_with_the_demonstration_files_expert_activation(tmp_path):
     assert algorithm.expert_policy.activation == "relu"
     state = algorithm.prepare(algorithm.init(jax.random.PRNGKey(0)))
     state, _ = jax.jit(algorithm.meta_iteration)(state)
-    task = int(np.argmax(np.asarray(state.dagger_counts)))
-    count = int(state.dagger_counts[task])
-    visited = state.dagger_observations[task, :count]
+    task = int(np.argmax(np.asarray(state.dagger.counts)))
+    count = int(state.dagger.counts[task])
+    visited = state.dagger.observations[task, :count]
     single = jax.tree.map(lambda x: x[task], experts)
     relu_means = relu_expert.distribution(single, visited)[0]
     tanh_means = GaussianPolicy(2, 2, (8, 8), "tanh").distribution(single, visited)[0]
     assert float(jnp.max(jnp.abs(relu_means - tanh_means))) > 1e-3
-    np.testing.assert_allclose(np.asarray(state.dagger_actions[task, :count]),
+    np.testing.assert_allclose(np.asarray(state.dagger.actions[task, :count]),
                                np.asarray(jnp.clip(relu_means, -BOUND, BOUND)), atol=1e-6)
 
 

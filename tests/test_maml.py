@@ -61,7 +61,7 @@ def test_every_variant_runs_two_iterations(variant):
     assert int(state.iteration) == 2 and step._cache_size() == 1
     for metrics in (first, second):
         assert all(bool(jnp.all(jnp.isfinite(v))) for v in jax.tree.leaves(metrics))
-    if algorithm.optimizer_kind == "trpo":
+    if algorithm.parts.outer_step.name == "trpo":
         for metrics in (first, second):
             if float(metrics["step_accepted"]) == 1.0:
                 assert float(metrics["kl"]) <= algorithm.config.max_kl
@@ -153,7 +153,8 @@ def test_dice_adjusted_rewards_are_normalised_per_task_by_default():
 
 
 def test_variant_table():
-    table = {v.name: (v.inner, v.outer, v.optimizer_kind, v.exploration) for v in MAML_VARIANTS}
+    table = {v.name: (v.parts.inner.name, v.parts.outer.name, v.parts.outer_step.name,
+                      v.parts.exploration is not None) for v in MAML_VARIANTS}
     assert table == {
         "maml-trpo": ("ll", "ratio", "trpo", False),
         "maml-vpg": ("ll", "ll", "adam", False),

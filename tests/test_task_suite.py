@@ -562,7 +562,7 @@ def test_more_training_tasks_than_the_ring_has_fail_with_one_line(tmp_path):
 
 def test_sparse_ring_trains_from_dense_ring_demonstrations(tmp_path):
     from metarl_jax.config import ConfigError
-    from metarl_jax.experts import load_demonstrations, save_demonstrations
+    from metarl_jax.demonstrations import load_demonstrations, save_demonstrations
 
     dense = make_env("ant-goal-ring")
     tasks = dense.training_tasks(jax.random.PRNGKey(0), 4)

@@ -55,7 +55,10 @@ from metarl_jax.algorithms.common import (adaptation_returns, phase_returns,
                                           sample_adaptation_phases)
 from metarl_jax.config import (ConfigError, SamplingConfig, at_least, check, field, one_of,
                                positive)
+from metarl_jax.demonstrations import (DaggerRing, DemonstrationBuffer, expert_actions,
+                                       load_demonstrations)
 from metarl_jax.envs.base import TaskEnv
+from metarl_jax.experts import ExpertConfig, train_and_collect
 from metarl_jax.losses import (imitation_loss, importance_weighted_pg_loss, inner_update,
                                log_likelihood_loss, masked_mean)
 from metarl_jax.policies import ACTIVATIONS, BiasTransformPolicy, GaussianPolicy
@@ -94,32 +97,9 @@ class GMPSConfig(SamplingConfig):
 @flax.struct.dataclass
 class GMPSState(MetaState):  # params: {"policy": θ, "step_sizes": α shaped like θ}
     train_tasks: dict  # the T meta-training tasks, leading axis T
-    demo_observations: jax.Array  # [T, D, obs], fixed after `prepare`
-    demo_actions: jax.Array  # [T, D, act], the experts' (clipped) actions
-    demo_counts: jax.Array  # [T], real demonstration steps
-    dagger_observations: jax.Array  # [T, B, obs], states the adapted policies visited
-    dagger_actions: jax.Array  # [T, B, act], their (clipped) expert labels
-    dagger_counts: jax.Array  # [T], filled entries
-    dagger_next: jax.Array  # [T], next write position (a ring once full)
+    demos: DemonstrationBuffer  # [T, D, ...], the demonstrations, fixed after `prepare`
+    dagger: DaggerRing  # [T, B, ...], states the adapted policies visited, expert-labelled
     expert_params: dict  # experts, leading axis T (zeros when there are none)
-
-
-def append_to_buffer(observations, actions, counts, next_slot, new_observations,
-                     new_actions, new_masks):
-    """Appends the masked-in rows of `new_*` ([K, ...], mask [K]) to ONE task's ring
-    buffer ([B, ...]); once full, the oldest entries are overwritten. When more than B
-    rows come at once, the last B of them are kept (every slot is written at most once,
-    so the result never depends on the order of a scatter)."""
-    capacity = observations.shape[0]
-    real = new_masks > 0
-    offsets = jnp.cumsum(real.astype(jnp.int32)) - 1
-    added = jnp.sum(real).astype(jnp.int32)
-    kept = real & (offsets >= added - capacity)
-    slots = jnp.where(kept, (next_slot + offsets) % capacity, capacity)  # else dropped
-    observations = observations.at[slots].set(new_observations, mode="drop")
-    actions = actions.at[slots].set(new_actions, mode="drop")
-    return (observations, actions, jnp.minimum(counts + added, capacity),
-            (next_slot + added) % capacity)
 
 
 def clipped_importance_weighted_pg_loss(policy: GaussianPolicy, params, batch,
@@ -190,20 +170,16 @@ class GMPS(MetaLearner):
             params=params, opt_state=self.optimizer.init(params), key=key,
             iteration=jnp.zeros((), jnp.int32),
             train_tasks=self.env.training_tasks(task_key, T),
-            demo_observations=jnp.zeros((T, D, obs)), demo_actions=jnp.zeros((T, D, act)),
-            demo_counts=jnp.zeros((T,), jnp.int32),
-            dagger_observations=jnp.zeros((T, B, obs)), dagger_actions=jnp.zeros((T, B, act)),
-            dagger_counts=jnp.zeros((T,), jnp.int32), dagger_next=jnp.zeros((T,), jnp.int32),
+            demos=DemonstrationBuffer.empty(T, D, obs, act),
+            dagger=DaggerRing.empty(T, B, obs, act),
             expert_params=experts)
 
     def prepare(self, state: GMPSState, seed: int = 0) -> GMPSState:
         """Phase 1, on the host before training: load the demonstrations (and experts)
         from `gmps.demos`, or train per-task experts and record their demonstrations."""
-        from metarl_jax import experts as experts_lib
-
         g = self.config.gmps
         if g.demos is not None:
-            demos = experts_lib.load_demonstrations(g.demos, self.env)
+            demos = load_demonstrations(g.demos, self.env)
         else:
             demos = self.train_experts(state.train_tasks, seed)
         T, D = demos.observations.shape[:2]
@@ -228,42 +204,23 @@ class GMPS(MetaLearner):
                 raise ConfigError(f"config: gmps.expert_activation: {g.expert_activation!r}, "
                                   "but the experts in the demonstrations file use "
                                   f"{demos.activation!r}")
-        pad = g.demo_buffer_size - D
-        observations = np.pad(demos.observations, ((0, 0), (0, pad), (0, 0)))
-        # Files may hold labels written without clipping: clip them here as well.
-        actions = demos.actions
-        if self.action_bound is not None:
-            actions = np.clip(actions, -self.action_bound, self.action_bound)
-        actions = np.pad(actions, ((0, 0), (0, pad), (0, 0)))
         self.expert_env_steps = int(demos.expert_env_steps)
         return state.replace(
             train_tasks=jax.tree.map(jnp.asarray, demos.tasks),
-            demo_observations=jnp.asarray(observations, jnp.float32),
-            demo_actions=jnp.asarray(actions, jnp.float32),
-            demo_counts=jnp.asarray(np.asarray(demos.counts), jnp.int32),
+            demos=DemonstrationBuffer.from_demonstrations(demos, g.demo_buffer_size,
+                                                          self.action_bound),
             expert_params=expert_params)
 
     def train_experts(self, tasks, seed: int):
         """Experts mode: one PPO expert per training task (all vmapped, one compiled
         program) and their demonstrations, as `metarl experts` would write them."""
-        from metarl_jax import experts as experts_lib
-
         g = self.config.gmps
-        config = experts_lib.ExpertConfig(
+        config = ExpertConfig(
             num_tasks=g.num_train_tasks, iterations=g.expert_iterations,
             horizon=self.config.horizon, hidden_sizes=tuple(g.expert_hidden_sizes),
             activation=g.expert_activation, seed=seed)
         train_key, demo_key = jax.random.split(jax.random.PRNGKey(seed + 7919))
-        expert_params, info = experts_lib.train_experts(self.env, tasks, config, train_key)
-        demos = experts_lib.collect_demonstrations(
-            self.env, self.expert_policy, expert_params, tasks, demo_key,
-            config.demos_per_task, self.config.horizon)
-        return experts_lib.Demonstrations(
-            env_name=self.env.name, observations=np.asarray(demos.observations),
-            actions=np.asarray(demos.actions), counts=np.asarray(demos.counts),
-            tasks=jax.device_get(tasks), expert_params=jax.device_get(expert_params),
-            hidden_sizes=tuple(g.expert_hidden_sizes), activation=g.expert_activation,
-            expert_env_steps=int(info["env_steps"]) + int(demos.env_steps))
+        return train_and_collect(self.env, tasks, config, train_key, demo_key)[0]
 
     def outer_loss(self, params, batch, demo_observations, demo_actions, demo_weights):
         """mean_i imitation(θ'_i), θ'_i = θ − α ⊙ ∇L_in(θ; batch_i) (batch [M, N, H]),
@@ -290,21 +247,11 @@ class GMPS(MetaLearner):
 
     def expert_data(self, state: GMPSState, task_ids):
         """The imitation targets of tasks `task_ids`: their demonstrations, then (with
-        DAgger) their DAgger buffers; observations, labels and 0/1 weights."""
-        g = self.config.gmps
-
-        def filled(counts, size):
-            return (jnp.arange(size)[None, :] < counts[task_ids][:, None]).astype(jnp.float32)
-
-        observations = [state.demo_observations[task_ids]]
-        actions = [state.demo_actions[task_ids]]
-        weights = [filled(state.demo_counts, g.demo_buffer_size)]
-        if g.dagger_every > 0:
-            observations.append(state.dagger_observations[task_ids])
-            actions.append(state.dagger_actions[task_ids])
-            weights.append(filled(state.dagger_counts, g.dagger_buffer_size))
-        return tuple(jnp.concatenate(parts, axis=1) for parts in (observations, actions,
-                                                                  weights))
+        DAgger) their DAgger rings; observations, labels and 0/1 weights."""
+        parts = [state.demos.take(task_ids)]
+        if self.config.gmps.dagger_every > 0:
+            parts.append(state.dagger.take(task_ids))
+        return tuple(jnp.concatenate(part, axis=1) for part in zip(*parts))
 
     def meta_iteration(self, state: GMPSState):
         c, g = self.config, self.config.gmps
@@ -333,36 +280,26 @@ class GMPS(MetaLearner):
             imitation_step, (state.params, state.opt_state), None, length=g.imitation_steps)
 
         # 3. DAgger: the adapted policies' states, labelled by the experts, to the ring.
-        buffers = (state.dagger_observations, state.dagger_actions, state.dagger_counts,
-                   state.dagger_next)
+        dagger = state.dagger
         if g.dagger_every > 0:
-            def aggregate(buffers):
-                from metarl_jax.experts import expert_actions
-
-                observations, actions, counts, next_slot = buffers
+            def aggregate(ring: DaggerRing) -> DaggerRing:
                 visited = post_batch.observations.reshape(c.meta_batch_size, -1,
                                                           self.env.observation_size)
                 masks = post_batch.masks.reshape(c.meta_batch_size, -1)
                 labels = expert_actions(self.expert_policy, state.expert_params, task_ids,
                                         visited, self.action_bound)
-                updated = jax.vmap(append_to_buffer)(
-                    observations[task_ids], actions[task_ids], counts[task_ids],
-                    next_slot[task_ids], visited, labels, masks)
-                return tuple(full.at[task_ids].set(part)
-                             for full, part in zip(buffers, updated))
+                return ring.append(task_ids, visited, labels, masks)
 
             due = (state.iteration + 1) % g.dagger_every == 0
-            buffers = jax.lax.cond(due, aggregate, lambda b: b, buffers)
+            dagger = jax.lax.cond(due, aggregate, lambda ring: ring, dagger)
 
         metrics = {**phase_returns(pre_batches, post_batch),
                    "imitation_loss_first": losses[0], "imitation_loss": losses[-1],
-                   "dagger_fill": jnp.mean(buffers[2].astype(jnp.float32)),
+                   "dagger_fill": jnp.mean(dagger.counts.astype(jnp.float32)),
                    "policy_std": jnp.mean(jnp.exp(params["policy"]["params"]["log_std"]))}
         if g.learned_step_sizes:
             metrics["step_size"] = jnp.mean(jnp.concatenate(
                 [jnp.ravel(a) for a in jax.tree.leaves(params["step_sizes"])]))
         new_state = state.replace(params=params, opt_state=opt_state, key=key,
-                                  iteration=state.iteration + 1,
-                                  dagger_observations=buffers[0], dagger_actions=buffers[1],
-                                  dagger_counts=buffers[2], dagger_next=buffers[3])
+                                  iteration=state.iteration + 1, dagger=dagger)
         return new_state, metrics

@@ -1,14 +1,19 @@
-"""The MAML family: the baselines of the ProMP paper.
+"""The MAML family: the baselines of the ProMP paper, each a composition of parts.
 
-| algo        | inner loss          | outer loss on post-update samples         | optimiser |
-|-------------|---------------------|-------------------------------------------|-----------|
-| maml-trpo   | log-likelihood (LL) | −mean(r' Â')                              | TRPO      |
-| maml-vpg    | LL                  | −mean(log π_φK(a'|s') Â')                 | Adam, 1   |
-| emaml-trpo  | LL                  | as maml-trpo + E-MAML exploration term    | TRPO      |
-| emaml-vpg   | LL                  | as maml-vpg + E-MAML exploration term     | Adam, 1   |
-| lvc-trpo    | LVC (ratio)         | as maml-trpo                              | TRPO      |
-| lvc-vpg     | LVC (ratio)         | as maml-vpg                               | Adam, 1   |
-| dice-vpg    | DiCE                | DiCE                                      | Adam, 1   |
+| algo        | inner loss          | outer loss on post-update samples         | outer step |
+|-------------|---------------------|-------------------------------------------|------------|
+| maml-trpo   | log-likelihood (LL) | −mean(r' Â')                              | TRPO       |
+| maml-vpg    | LL                  | −mean(log π_φK(a'|s') Â')                 | Adam, 1    |
+| emaml-trpo  | LL                  | as maml-trpo + E-MAML exploration term    | TRPO       |
+| emaml-vpg   | LL                  | as maml-vpg + E-MAML exploration term     | Adam, 1    |
+| lvc-trpo    | LVC (ratio)         | as maml-trpo                              | TRPO       |
+| lvc-vpg     | LVC (ratio)         | as maml-vpg                               | Adam, 1    |
+| dice-vpg    | DiCE                | DiCE                                      | Adam, 1    |
+
+A row is a `MAMLParts`: the inner `Objective`, the outer `Objective`, the `OuterStep`
+(`TRPO` or `VPG`), the optional exploration term and the advantage estimator that fills
+`batch.advantages`. One `MAMLFamily` class runs any composition; each `--algo` name is a
+subclass that names its parts and its configuration class.
 
 Every variant takes `first_order: true` (the inner gradient treated as a constant). The
 TRPO variants also take `averaging` and `kl_direction` (`MAMLTRPOConfig`). Sampling,
@@ -19,6 +24,7 @@ losses and the outer optimiser differ. Read `MAMLFamily.meta_iteration` top to b
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -85,14 +91,6 @@ class MAMLTRPOConfig(SamplingConfig):
 MAMLState = MetaState
 
 
-INNER_LOSSES = {"ll": log_likelihood_loss, "lvc": likelihood_ratio_loss, "dice": dice_loss}
-OUTER_LOSSES = {"ll": log_likelihood_loss, "ratio": likelihood_ratio_loss, "dice": dice_loss}
-# The TRPO variants' losses with `averaging: episodes`.
-PER_EPISODE_LOSSES = {"ll": log_likelihood_loss_per_episode,
-                      "lvc": likelihood_ratio_loss_per_episode,
-                      "ratio": likelihood_ratio_loss_per_episode}
-
-
 def normalized_post_rewards(post_batch: Trajectories) -> jax.Array:
     """E-MAML's reward signal R̃'_i, [M]: the post-update rewards normalised per step
     over every real step of the meta-batch (zero mean, unit std), then averaged over
@@ -120,38 +118,141 @@ def emaml_exploration_term(policy: GaussianPolicy, theta, first_batch: Trajector
     return -post_reward * masked_mean(log_probs, first_batch.masks)
 
 
+# --- the parts ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """A per-task loss `(policy, params, batch) -> scalar` (`metarl_jax.losses`), in the
+    two averages over a task's batch the TRPO variants choose between (`averaging`):
+    `per_step` over every real step, `per_episode` per episode and then over the
+    episodes (None where only the former exists)."""
+
+    name: str
+    per_step: Callable
+    per_episode: Callable | None = None
+
+    def averaged(self, averaging: str) -> Callable:
+        return self.per_episode if averaging == "episodes" else self.per_step
+
+
+LOG_LIKELIHOOD = Objective("ll", log_likelihood_loss, log_likelihood_loss_per_episode)
+# The likelihood-ratio loss in its two roles: ProMP's LVC inner loss, and the outer
+# surrogate −mean(r' Â') of the TRPO variants.
+LVC = Objective("lvc", likelihood_ratio_loss, likelihood_ratio_loss_per_episode)
+SURROGATE = Objective("ratio", likelihood_ratio_loss, likelihood_ratio_loss_per_episode)
+DICE = Objective("dice", dice_loss)
+
+
+def dice_advantages(batch: Trajectories, config: DiCEConfig) -> Trajectories:
+    """DiCE's adjusted rewards γ^t r_t − b_t in `batch.advantages`
+    (`metarl_jax.advantages.dice_adjusted_rewards`)."""
+    return dice_adjusted_rewards(batch, config.discount, config.dice_baseline,
+                                 config.normalize_advantages)
+
+
+@dataclasses.dataclass(frozen=True)
+class OuterStep:
+    """How θ moves on the meta-loss, as a pair of pure functions (optax's style):
+
+      init(config, params) -> optimiser state
+      update(learner, params, opt_state, pre_batches, post_batch)
+          -> (new params, new optimiser state, metrics)
+
+    `learner` is the `MAMLFamily` whose `meta_loss` (and, for TRPO, `meta_kl` and
+    `meta_kl_hvp`) the step uses.
+    """
+
+    name: str
+    init: Callable
+    update: Callable
+
+
+def vpg_optimizer(config: MAMLVPGConfig) -> optax.GradientTransformation:
+    """Adam at `outer_lr` with the default moments (0.9, 0.999) and ε = 1e-8."""
+    return optax.adam(config.outer_lr, b1=0.9, b2=0.999, eps=1e-8)
+
+
+def vpg_init(config: MAMLVPGConfig, params) -> optax.OptState:
+    """Adam's state for `params`."""
+    return vpg_optimizer(config).init(params)
+
+
+def vpg_update(learner, params, opt_state, pre_batches, post_batch):
+    """One Adam step on the meta-loss; metrics `outer_loss` (before the step) and
+    `grad_norm` (the meta-gradient's global norm)."""
+    loss, grads = jax.value_and_grad(
+        lambda theta: learner.meta_loss(theta, pre_batches, post_batch)[0])(params)
+    updates, opt_state = vpg_optimizer(learner.config).update(grads, opt_state, params)
+    theta = optax.apply_updates(params, updates)
+    grad_norm = jnp.sqrt(sum(jnp.sum(g ** 2) for g in jax.tree.leaves(grads)))
+    return theta, opt_state, {"outer_loss": loss, "grad_norm": grad_norm}
+
+
+def trpo_init(config: MAMLTRPOConfig, params) -> jax.Array:
+    """TRPO keeps no optimiser state: a placeholder."""
+    return jnp.zeros(())
+
+
+def trpo_update(learner, params, opt_state, pre_batches, post_batch):
+    """A natural-gradient step on the meta-loss within `max_kl` of the sampling
+    post-update policies (`metarl_jax.optim.trpo_step`, the KL's Hessian-vector product
+    from `MAMLFamily.meta_kl_hvp`); metrics from its line search."""
+    c = learner.config
+    theta, info = trpo_step(
+        lambda theta: learner.meta_loss(theta, pre_batches, post_batch)[0],
+        lambda theta: learner.meta_kl(theta, pre_batches, post_batch),
+        params, c.max_kl, c.cg_damping, c.cg_iterations, c.backtrack_ratio,
+        c.max_backtracks, kl_hvp=learner.meta_kl_hvp(params, pre_batches, post_batch))
+    return theta, opt_state, {
+        "outer_loss": info["loss_before"], "outer_loss_after": info["loss_after"],
+        "kl": info["kl_after"], "step_accepted": info["accepted"],
+        "backtracks": info["backtracks"], "step_size": info["step_size"]}
+
+
+VPG = OuterStep("adam", vpg_init, vpg_update)
+TRPO = OuterStep("trpo", trpo_init, trpo_update)
+
+
+@dataclasses.dataclass(frozen=True)
+class MAMLParts:
+    """One member of the family.
+
+    inner: the inner loss L_in of φ_{k+1} = φ_k − α ∇L_in(φ_k).
+    outer: the loss of φ_K on the post-update batch, averaged over tasks.
+    outer_step: `TRPO` or `VPG`.
+    exploration: None, or a per-task term added to the outer loss,
+      `(policy, θ, step-0 batch, R̃'_i) -> scalar` (`emaml_exploration_term`).
+    advantages: `(batch, config) -> batch` with `advantages` filled, for every phase.
+    """
+
+    inner: Objective
+    outer: Objective
+    outer_step: OuterStep
+    exploration: Callable | None = None
+    advantages: Callable = standard_advantages
+
+
 class MAMLFamily(MetaLearner):
-    """One MAML-family variant; subclasses fix the losses and the optimiser."""
+    """A MAML-family member: subclasses set `name`, `config_class` and `parts`."""
 
     name: str
     config_class: type
-    inner: str  # key of INNER_LOSSES
-    outer: str  # key of OUTER_LOSSES
-    optimizer_kind: str  # "adam" or "trpo"
-    exploration: bool = False
+    parts: MAMLParts
 
     def __init__(self, config, env: TaskEnv, policy: GaussianPolicy):
         super().__init__(config, env, policy)
         # The VPG variants average over steps and have no KL constraint.
         self.averaging = getattr(config, "averaging", "steps")
         self.kl_direction = getattr(config, "kl_direction", "old_new")
-        per_episode = self.averaging == "episodes"
-        self.inner_loss = (PER_EPISODE_LOSSES if per_episode else INNER_LOSSES)[self.inner]
-        self.outer_loss = (PER_EPISODE_LOSSES if per_episode else OUTER_LOSSES)[self.outer]
-        if self.optimizer_kind == "adam":
-            self.optimizer = optax.adam(config.outer_lr, b1=0.9, b2=0.999, eps=1e-8)
-
-    def process(self, batch: Trajectories, config) -> Trajectories:
-        if self.inner == "dice":
-            return dice_adjusted_rewards(batch, config.discount, config.dice_baseline,
-                                         config.normalize_advantages)
-        return standard_advantages(batch, config)
+        self.inner_loss = self.parts.inner.averaged(self.averaging)
+        self.outer_loss = self.parts.outer.averaged(self.averaging)
+        self.process = self.parts.advantages
 
     def init(self, key: jax.Array) -> MAMLState:
         init_key, key = jax.random.split(key)
         params = self.policy.init(init_key)
-        opt_state = (self.optimizer.init(params) if self.optimizer_kind == "adam"
-                     else jnp.zeros(()))
+        opt_state = self.parts.outer_step.init(self.config, params)
         return MAMLState(params=params, opt_state=opt_state, key=key,
                          iteration=jnp.zeros((), jnp.int32))
 
@@ -176,8 +277,9 @@ class MAMLFamily(MetaLearner):
             adapted = self.adapt(theta, pre)
             loss = self.outer_loss(self.policy, adapted[-1], post)
             first_batch = jax.tree.map(lambda x: x[0], pre)
-            exploration = (emaml_exploration_term(self.policy, theta, first_batch, post_reward)
-                           if self.exploration else jnp.zeros(()))
+            explore = self.parts.exploration
+            exploration = (explore(self.policy, theta, first_batch, post_reward)
+                           if explore is not None else jnp.zeros(()))
             return loss + exploration, exploration
 
         losses, exploration = jax.vmap(task_loss)(pre_batches, post_batch, post_rewards)
@@ -275,26 +377,11 @@ class MAMLFamily(MetaLearner):
             self.process)
 
         # 2. The outer step, differentiating through the inner steps.
-        def loss_fn(theta):
-            return self.meta_loss(theta, pre_batches, post_batch)[0]
-
         metrics = phase_returns(pre_batches, post_batch)
-        if self.optimizer_kind == "trpo":
-            theta, info = trpo_step(
-                loss_fn, lambda theta: self.meta_kl(theta, pre_batches, post_batch),
-                state.params, c.max_kl, c.cg_damping, c.cg_iterations, c.backtrack_ratio,
-                c.max_backtracks, kl_hvp=self.meta_kl_hvp(state.params, pre_batches, post_batch))
-            opt_state = state.opt_state
-            metrics.update(outer_loss=info["loss_before"], outer_loss_after=info["loss_after"],
-                           kl=info["kl_after"], step_accepted=info["accepted"],
-                           backtracks=info["backtracks"], step_size=info["step_size"])
-        else:
-            loss, grads = jax.value_and_grad(loss_fn)(state.params)
-            updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
-            theta = optax.apply_updates(state.params, updates)
-            grad_norm = jnp.sqrt(sum(jnp.sum(g ** 2) for g in jax.tree.leaves(grads)))
-            metrics.update(outer_loss=loss, grad_norm=grad_norm)
-        if self.exploration:
+        theta, opt_state, step_metrics = self.parts.outer_step.update(
+            self, state.params, state.opt_state, pre_batches, post_batch)
+        metrics.update(step_metrics)
+        if self.parts.exploration is not None:
             metrics["exploration"] = self.meta_loss(state.params, pre_batches,
                                                     post_batch)[1]["exploration"]
         metrics["policy_std"] = jnp.mean(jnp.exp(theta["params"]["log_std"]))
@@ -302,24 +389,64 @@ class MAMLFamily(MetaLearner):
                          iteration=state.iteration + 1), metrics
 
 
-def _variant(name: str, inner: str, outer: str, optimizer_kind: str, exploration: bool = False):
-    config_class = {"trpo": MAMLTRPOConfig, "adam": DiCEConfig if inner == "dice"
-                    else MAMLVPGConfig}[optimizer_kind]
-    attributes = dict(name=name, config_class=config_class, inner=inner, outer=outer,
-                      optimizer_kind=optimizer_kind, exploration=exploration,
-                      __doc__=f"`--algo {name}`: {inner} inner loss, {outer} outer loss, "
-                              f"{optimizer_kind} outer step"
-                              + (", E-MAML exploration term." if exploration else "."))
-    class_name = "".join(part.capitalize() for part in name.split("-"))
-    return type(class_name, (MAMLFamily,), attributes)
+# --- the members: one class each -----------------------------------------------------------
 
 
-MAML_VARIANTS = [
-    _variant("maml-trpo", "ll", "ratio", "trpo"),
-    _variant("maml-vpg", "ll", "ll", "adam"),
-    _variant("emaml-trpo", "ll", "ratio", "trpo", exploration=True),
-    _variant("emaml-vpg", "ll", "ll", "adam", exploration=True),
-    _variant("lvc-trpo", "lvc", "ratio", "trpo"),
-    _variant("lvc-vpg", "lvc", "ll", "adam"),
-    _variant("dice-vpg", "dice", "dice", "adam"),
-]
+class MAMLTRPO(MAMLFamily):
+    """`--algo maml-trpo`: log-likelihood inner loss, TRPO on the outer surrogate."""
+
+    name = "maml-trpo"
+    config_class = MAMLTRPOConfig
+    parts = MAMLParts(inner=LOG_LIKELIHOOD, outer=SURROGATE, outer_step=TRPO)
+
+
+class MAMLVPG(MAMLFamily):
+    """`--algo maml-vpg`: log-likelihood inner and outer losses, one Adam step."""
+
+    name = "maml-vpg"
+    config_class = MAMLVPGConfig
+    parts = MAMLParts(inner=LOG_LIKELIHOOD, outer=LOG_LIKELIHOOD, outer_step=VPG)
+
+
+class EMAMLTRPO(MAMLFamily):
+    """`--algo emaml-trpo`: maml-trpo with E-MAML's exploration term."""
+
+    name = "emaml-trpo"
+    config_class = MAMLTRPOConfig
+    parts = dataclasses.replace(MAMLTRPO.parts, exploration=emaml_exploration_term)
+
+
+class EMAMLVPG(MAMLFamily):
+    """`--algo emaml-vpg`: maml-vpg with E-MAML's exploration term."""
+
+    name = "emaml-vpg"
+    config_class = MAMLVPGConfig
+    parts = dataclasses.replace(MAMLVPG.parts, exploration=emaml_exploration_term)
+
+
+class LVCTRPO(MAMLFamily):
+    """`--algo lvc-trpo`: ProMP's LVC inner loss, TRPO on the outer surrogate."""
+
+    name = "lvc-trpo"
+    config_class = MAMLTRPOConfig
+    parts = MAMLParts(inner=LVC, outer=SURROGATE, outer_step=TRPO)
+
+
+class LVCVPG(MAMLFamily):
+    """`--algo lvc-vpg`: ProMP's LVC inner loss, log-likelihood outer loss, one Adam step."""
+
+    name = "lvc-vpg"
+    config_class = MAMLVPGConfig
+    parts = MAMLParts(inner=LVC, outer=LOG_LIKELIHOOD, outer_step=VPG)
+
+
+class DiCEVPG(MAMLFamily):
+    """`--algo dice-vpg`: DiCE inner and outer losses on DiCE's adjusted rewards, one
+    Adam step."""
+
+    name = "dice-vpg"
+    config_class = DiCEConfig
+    parts = MAMLParts(inner=DICE, outer=DICE, outer_step=VPG, advantages=dice_advantages)
+
+
+MAML_VARIANTS = [MAMLTRPO, MAMLVPG, EMAMLTRPO, EMAMLVPG, LVCTRPO, LVCVPG, DiCEVPG]
