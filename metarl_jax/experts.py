@@ -19,7 +19,7 @@ from metarl_jax.config import (ConfigError, EnvConfig, at_least, build_dataclass
                                one_of, positive, unit_interval)
 from metarl_jax.demonstrations import (Demonstrations, collect_demonstrations,
                                        save_demonstrations)
-from metarl_jax.envs import ENVIRONMENTS, env_names, make_env
+from metarl_jax.envs import lookup, make_env
 from metarl_jax.envs.base import TaskEnv
 from metarl_jax.policies import ACTIVATIONS
 from metarl_jax.ppo import expert_policy, resolve_horizon, train_experts, validate_expert_config
@@ -101,9 +101,7 @@ def resolve_expert_config(env_name: str, raw: dict) -> tuple[TaskEnv, ExpertConf
     if not isinstance(section, dict):
         raise ConfigError(f"config: env: expected a mapping, got {section!r}")
     env_config = build_dataclass(EnvConfig, {**section, "name": env_name}, "env.")
-    if env_config.name not in ENVIRONMENTS:
-        raise ConfigError(f"config: env.name: unknown environment {env_config.name!r}; "
-                          f"allowed: {', '.join(env_names())}")
+    lookup(env_config.name)  # a registered task or module:attribute; ConfigError if neither
     config = build_dataclass(ExpertConfig, raw)
     try:
         env = make_env(env_config.name, backend=env_config.backend, horizon=config.horizon)
