@@ -98,19 +98,20 @@ class Checkpointer:
             try:
                 state, host = self.restore(template_state, iteration)
             except CorruptCheckpoint:
-                reason = "its data does not match the digest saved with it"
-            except Exception as error:  # unreadable: corrupt metadata or array files
-                reason = f"cannot be read ({type(error).__name__}: {str(error)[:120]})"
+                problem = "is corrupt: its data does not match the digest saved with it"
+            except Exception as error:  # unreadable files, or a state of another layout
+                problem = (f"cannot be restored ({type(error).__name__}: "
+                           f"{str(error).splitlines()[0][:160] if str(error) else ''})")
             else:
                 return iteration, state, host
             skipped.append(iteration)
-            print(f"warning: checkpoint {iteration} in {self.directory} is corrupt ({reason}); "
+            print(f"warning: checkpoint {iteration} in {self.directory} {problem}; "
                   "skipping it", file=sys.stderr)
         if skipped:
             raise NoIntactCheckpoint(
                 f"no intact checkpoint in {self.directory}: "
-                f"{', '.join(map(str, skipped))} are corrupt; the run cannot be resumed "
-                "(start it again without --resume, with --force)")
+                f"{', '.join(map(str, skipped))} cannot be restored (see the warnings); "
+                "the run cannot be resumed (start it again without --resume, with --force)")
         return None
 
     def close(self) -> None:

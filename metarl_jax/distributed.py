@@ -49,9 +49,8 @@ def use_task_sharding(sharding: NamedSharding | None):
 def split_cpu(num_devices: int) -> None:
     """Makes the host CPU appear to JAX as `num_devices` devices, so that the task
     sharding spreads a meta-batch over them: on a CPU-only machine, one device per core
-    can keep the cores busier than XLA's own threading (benchmarks/RESULTS.md, 2 cores:
-    13-27 % less time per iteration in the benchmark, 0-19 % for ProMP through
-    `metarl train`). Must be called before JAX runs anything."""
+    can keep the cores busier than XLA's own threading (measured in
+    benchmarks/RESULTS.md). Must be called before JAX runs anything."""
     if num_devices < 1:
         raise ConfigError(f"config: cpu_devices: {num_devices}; expected at least 1")
     try:

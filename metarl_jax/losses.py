@@ -57,7 +57,7 @@ def lvc_inner_loss_with_kl(policy: GaussianPolicy, params,
     """(`lvc_inner_loss`, `mean_kl_from_sampler`) on one batch from one forward pass.
 
     ProMP needs both at every φ_k; computed separately, XLA kept two forward passes over
-    the pre-update batch (6–9 % of a point-nav ProMP iteration on CPU).
+    the pre-update batch.
     """
     mean, log_std = policy.distribution(params, batch.observations)
     return (_ratio_loss(gaussian_log_prob(mean, log_std, batch.actions), batch),

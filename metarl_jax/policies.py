@@ -118,11 +118,10 @@ def mlp_mean(params, obs: jax.Array, activation: str = "tanh") -> jax.Array:
     MAML-TRPO on point-nav, 2-core CPU; benchmarks/RESULTS.md):
     - the sample axes are flattened first, so every layer is one [samples, in] × [in, out]
       product: on [N, H, in] inputs XLA otherwise transposes [N, H, 64] activations
-      for each weight gradient (22–25 % faster per iteration);
+      for each weight gradient;
     - on CPU, an output layer of at most `COLUMNWISE_OUTPUT_MAX` units is a stack of
       matrix-vector products: XLA's CPU dot is slow on the weight gradient
-      Σ_s x_s δ_sᵀ when δ has 2 columns (2.3 ms against 0.2 ms for 20 tasks × 2000
-      samples × 64 units), another 6–9 %.
+      Σ_s x_s δ_sᵀ when δ has only a few columns.
     """
     layers = params["params"]
     num_layers = sum(name.startswith("Dense_") for name in layers)

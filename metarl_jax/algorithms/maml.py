@@ -312,9 +312,8 @@ class MAMLFamily(MetaLearner):
         distribution is transposed. Both KL directions have this Hessian at θ_old (F is
         the Fisher information of either); `averaging` sets the state weights of F.
         Transposing the whole linearised map
-        instead costs a reverse pass through each inner gradient's tangent, which on the
-        2-core CPU made the conjugate-gradient loop 1.2–1.6× slower
-        (benchmarks/RESULTS.md). With `first_order`, the steps' Jacobians are I.
+        instead costs a reverse pass through each inner gradient's tangent, which made
+        the conjugate-gradient loop markedly slower (benchmarks/RESULTS.md). With `first_order`, the steps' Jacobians are I.
         """
         c = self.config
         num_tasks = post_batch.masks.shape[0]

@@ -95,8 +95,8 @@ class ProMP(MetaLearner):
             self.env, self.policy, c, state.params, tasks, sample_key)
 
         # 2. P full-batch Adam steps on the same data, each re-deriving φ_k(θ). P is small
-        # and static: unrolled, XLA schedules the steps together (≈5 % faster on CPU than
-        # a scan, at a slightly longer compile).
+        # and static: unrolled, XLA schedules the steps together (faster on CPU than a
+        # scan, at a slightly longer compile).
         theta, opt_state, losses = state.params, state.opt_state, []
         for _ in range(c.promp_steps):
             (loss, aux), grads = jax.value_and_grad(self.meta_loss, has_aux=True)(
