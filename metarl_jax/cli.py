@@ -34,6 +34,11 @@ def main():
               help="Override one key (dotted for sections: env.backend=spring). Repeatable.")
 @click.option("--iterations", type=int, help="Number of meta-iterations (the total).")
 @click.option("--seed", type=int, help="Random seed.")
+@click.option("--seeds", "seeds_text", metavar="LIST", help="Train several seeds as one "
+              "compiled sweep: 0,1,2 or 0-4. Each gets its own run directory under --out.")
+@click.option("--sweep", "sweep_items", multiple=True, metavar="KEY=V1,V2,...",
+              help="Sweep a number (inner_lr=0.05,0.1); repeatable, the grid is the "
+              "product, trained as one compiled program with --seeds.")
 @click.option("--devices", type=int, help="Shard the tasks over this many devices "
               "(default: all).")
 @click.option("--cpu-devices", type=int, help="Split the host CPU into this many devices "
@@ -50,9 +55,9 @@ def main():
               "processes (or METARL_COORDINATOR).")
 @click.option("--num-processes", type=int, help="Processes in the run (METARL_NUM_PROCESSES).")
 @click.option("--process-id", type=int, help="This process's rank (METARL_PROCESS_ID).")
-def train(algo, env_name, config_path, overrides, iterations, seed, devices, cpu_devices,
-          out_dir, resume_dir, force, quiet, print_config, coordinator, num_processes,
-          process_id):
+def train(algo, env_name, config_path, overrides, iterations, seed, seeds_text, sweep_items,
+          devices, cpu_devices, out_dir, resume_dir, force, quiet, print_config, coordinator,
+          num_processes, process_id):
     """Train a meta-policy; writes OUT/config.yaml, OUT/metrics.jsonl, checkpoints and
     TensorBoard events.
 
@@ -60,7 +65,7 @@ def train(algo, env_name, config_path, overrides, iterations, seed, devices, cpu
     setting, and, when neither --algo nor --env (nor the file) names one, the built-in
     experiment (ProMP on point-nav, 100 iterations); then the --config file, the flags
     and --set."""
-    from metarl_jax import distributed, run_config, run_dir, trainer
+    from metarl_jax import distributed, run_config, run_dir, sweep, trainer
 
     if cpu_devices is not None:
         try:
@@ -70,21 +75,29 @@ def train(algo, env_name, config_path, overrides, iterations, seed, devices, cpu
             sys.exit(EXIT_CONFIG_ERROR)
     distributed.initialize(coordinator, num_processes, process_id)
 
+    members = None  # a sweep's members, or None for a single run
     try:
         if resume_dir is not None:
             conflicting = [flag for flag, value in (
                 ("--algo", algo), ("--env", env_name), ("--config", config_path),
-                ("--set", overrides), ("--seed", seed), ("--out", out_dir),
-                ("--force", force)) if value]
+                ("--set", overrides), ("--seed", seed), ("--seeds", seeds_text),
+                ("--sweep", sweep_items), ("--out", out_dir), ("--force", force)) if value]
             if conflicting:
                 raise ConfigError(f"config: {conflicting[0]}: not allowed with --resume, which "
                                   "takes the configuration saved in the run "
                                   "(only --iterations and --quiet may be given)")
-            config = run_dir.load_run_config(resume_dir)
-            if iterations is not None:
-                config = run_config.resolve_config({**config.to_dict(), "iterations": iterations})
+            if os.path.exists(os.path.join(resume_dir, sweep.SWEEP_INDEX)):
+                members = sweep.load_members(resume_dir, iterations)
+                config = members[0].config
+            else:
+                config = run_dir.load_run_config(resume_dir)
+                if iterations is not None:
+                    config = run_config.resolve_config({**config.to_dict(),
+                                                        "iterations": iterations})
             out_dir = resume_dir
         else:
+            if seed is not None and seeds_text is not None:
+                raise ConfigError("config: --seed: not allowed with --seeds")
             # The task's published setting and the built-in experiment are filled in by
             # resolve_config, below the file, the flags and --set.
             raw = load_yaml(config_path) if config_path else {}
@@ -94,24 +107,40 @@ def train(algo, env_name, config_path, overrides, iterations, seed, devices, cpu
                 raw = merge(raw, {"env": {"name": env_name}})
             raw = merge(raw, parse_overrides(overrides))
             config = run_config.resolve_config(raw)
+            if seeds_text is not None or sweep_items:
+                seeds = sweep.parse_seeds(seeds_text) if seeds_text is not None else None
+                members = sweep.expand(raw, seeds, sweep.parse_sweep(sweep_items))
         if print_config:
-            click.echo(yaml.safe_dump(config.to_dict(), sort_keys=False), nl=False)
+            for member in members or [None]:
+                if member is not None:
+                    click.echo(f"# {member.name}")
+                click.echo(yaml.safe_dump((member.config if member else config).to_dict(),
+                                          sort_keys=False), nl=False)
             return
         if resume_dir is None:
             if out_dir is None:
+                suffix = "_sweep" if members else f"_seed{config.run.seed}"
                 out_dir = os.path.join("runs", f"{config.run.algo}_{config.run.env.name}"
-                                               f"_seed{config.run.seed}")
+                                               f"{suffix}")
             import jax
 
             if jax.process_index() == 0:  # refused here; cleared once it is locked
-                run_dir.check_new_output_dir(out_dir, force)
+                for path in ([os.path.join(out_dir, m.name) for m in members] if members
+                             else [out_dir]):
+                    run_dir.check_new_output_dir(path, force)
     except ConfigError as error:
         click.echo(f"error: {error}", err=True)
         sys.exit(EXIT_CONFIG_ERROR)
 
     try:
-        history = trainer.train(config, out_dir, force=force,
-                                resume=resume_dir is not None, progress=not quiet).history
+        if members is not None:
+            results = sweep.train_sweep(members, out_dir, force=force,
+                                        resume=resume_dir is not None, progress=not quiet,
+                                        log=lambda line: click.echo(line, err=True))
+            history = [record for result in results for record in result.history[-1:]]
+        else:
+            history = trainer.train(config, out_dir, force=force,
+                                    resume=resume_dir is not None, progress=not quiet).history
     except ConfigError as error:  # found while preparing (a demonstrations file, say)
         click.echo(f"error: {error}", err=True)
         sys.exit(EXIT_CONFIG_ERROR)
@@ -124,6 +153,21 @@ def train(algo, env_name, config_path, overrides, iterations, seed, devices, cpu
     except trainer.Stopped as error:
         click.echo(f"{error}; continue with `metarl train --resume {out_dir}`", err=True)
         sys.exit(EXIT_PREEMPTED if isinstance(error, trainer.Preempted) else EXIT_INTERRUPTED)
+    if members is not None:
+        if not history:
+            click.echo(f"nothing to do: {out_dir} already ran {config.run.iterations} "
+                       "iterations")
+            return
+        for member, result in zip(members, results):
+            if result.history:
+                last = result.history[-1]
+                click.echo(f"{member.name}: {last['iteration']} iterations, pre_return "
+                           f"{last['pre_return']:.3f}, post_return {last['post_return']:.3f}")
+            else:
+                click.echo(f"{member.name}: stopped (diverged)")
+        click.echo(f"done: {len(members)} runs in {out_dir} (index: {out_dir}/"
+                   f"{sweep.SWEEP_INDEX})")
+        return
     if not history:
         click.echo(f"nothing to do: {out_dir} already ran {config.run.iterations} iterations")
         return

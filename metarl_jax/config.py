@@ -20,6 +20,7 @@ built-in experiment are filled in by `metarl_jax.run_config.resolve_config`.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from typing import Any, Callable
@@ -131,6 +132,9 @@ def _coerce(value, annotation, name: str):
             return value
     elif annotation is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        # YAML 1.1 reads 1e-4 (no dot) as a string.
+        if isinstance(value, str) and re.fullmatch(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+", value):
             return float(value)
     elif annotation is str:
         if isinstance(value, str):

@@ -32,15 +32,45 @@ def _group_runs(run_dirs):
     return list(groups.values())
 
 
+def _flat(config: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, prefix + key + "."))
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
 def _label(run_dirs, all_groups):
     def name(group):
         config = load_run_config(group[0]).to_dict()
         return f"{config['algo']} on {config['env']['name']}"
 
     label = name(run_dirs)
-    if sum(name(group) == label for group in all_groups) > 1:  # same algo and env twice
-        label += f" ({os.path.basename(os.path.normpath(run_dirs[0]))})"
+    same_name = [g for g in all_groups if name(g) == label]
+    if len(same_name) > 1:  # same algo and env twice: name the settings that differ
+        settings = [_flat(load_run_config(g[0]).to_dict()) for g in same_name]
+        own = _flat(load_run_config(run_dirs[0]).to_dict())
+        differing = sorted(k for k in own if k not in ("seed",) and
+                           len({repr(s.get(k)) for s in settings}) > 1)
+        label += (f" ({', '.join(f'{k}={own[k]}' for k in differing)})" if differing
+                  else f" ({os.path.basename(os.path.normpath(run_dirs[0]))})")
     return label + f", {len(run_dirs)} seed{'s' if len(run_dirs) > 1 else ''}"
+
+
+def expand_sweeps(run_dirs: list[str]) -> list[str]:
+    """Run directories, with a sweep's directory (holding sweep.json) replaced by its
+    members'."""
+    from metarl_jax.sweep import SWEEP_INDEX, member_dirs
+
+    expanded = []
+    for path in run_dirs:
+        if os.path.exists(os.path.join(path, SWEEP_INDEX)):
+            expanded.extend(member_dirs(path))
+        else:
+            expanded.append(path)
+    return expanded
 
 
 def plot_runs(run_dirs: list[str], out: str, show_pre: bool = True) -> str:
@@ -48,7 +78,7 @@ def plot_runs(run_dirs: list[str], out: str, show_pre: bool = True) -> str:
     the mean over the seeds of each configuration, shaded between min and max."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    groups = _group_runs(run_dirs)
+    groups = _group_runs(expand_sweeps(run_dirs))
     for color_index, group in enumerate(groups):
         color = f"C{color_index}"
         curves = [read_metrics(run_dir) for run_dir in group]

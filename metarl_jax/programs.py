@@ -41,7 +41,8 @@ def first_nonfinite(metrics: dict) -> str | None:
     """The metric to blame for a divergence (`REPORTED_FIRST` order), or None."""
     bad = sorted((k for k, v in metrics.items()
                   if not math.isfinite(v) or (k == "nonfinite_params" and v > 0)),
-                 key=lambda k: (k not in REPORTED_FIRST, k))
+                 key=lambda k: (REPORTED_FIRST.index(k) if k in REPORTED_FIRST
+                                else len(REPORTED_FIRST), k))
     return bad[0] if bad else None
 
 
