@@ -38,7 +38,8 @@ def main():
 @click.option("--cpu-devices", type=int, help="Split the host CPU into this many devices "
               "for the task sharding; one per core is fastest on a CPU-only machine.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False),
-              help="Run directory for config.yaml, metrics.jsonl, checkpoints/, tensorboard/.")
+              help="Run directory for config.yaml, metrics.jsonl, checkpoints/ and the "
+              "logger's files (tensorboard/ by default).")
 @click.option("--resume", "resume_dir", type=click.Path(file_okay=False),
               help="Continue the run in this directory from its last checkpoint.")
 @click.option("--force", is_flag=True, help="Overwrite a run already in --out.")
