@@ -54,7 +54,7 @@ def train(algo, env_name, config_path, overrides, iterations, seed, devices, cpu
           out_dir, resume_dir, force, quiet, print_config, coordinator, num_processes,
           process_id):
     """Train a meta-policy; writes OUT/config.yaml, OUT/metrics.jsonl, checkpoints and
-    TensorBoard events.
+    the logger's files (TensorBoard events by default).
 
     Keys not given take, lowest first: the algorithm's defaults, the task's published
     setting, and, when neither --algo nor --env (nor the file) names one, the built-in

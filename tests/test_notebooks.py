@@ -1,8 +1,10 @@
 """The notebooks in examples/ run top to bottom (at the tiny size) and are stored
 without outputs."""
 
+import json
 import os
 import pathlib
+import sys
 
 import pytest
 
@@ -29,11 +31,18 @@ def run_notebook(tmp_path, monkeypatch):
     """Executes examples/NAME in a fresh kernel; returns (its outputs' text, whether it
     displayed an image).
 
-    The kernel is this interpreter (jupyter_client starts the "python3" kernel with
-    sys.executable) in tmp_path, and inherits this environment: this checkout first on
-    the path, the tests' compilation cache and XLA flags, the tiny sizes, and a run
-    directory in tmp_path shared by the notebooks of one test.
+    The kernel is this interpreter, run in tmp_path: a "python3" kernel spec in
+    tmp_path, found first through JUPYTER_PATH, names sys.executable, so no kernel is
+    registered anywhere and no other one is picked up. It inherits this environment:
+    this checkout first on the path, the tests' compilation cache and XLA flags, the
+    tiny sizes, and a run directory in tmp_path shared by the notebooks of one test.
     """
+    spec_dir = tmp_path / "jupyter" / "kernels" / "python3"
+    spec_dir.mkdir(parents=True)
+    (spec_dir / "kernel.json").write_text(json.dumps({
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": "Python 3", "language": "python"}))
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
         [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]))
     monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", CACHE_DIR)
