@@ -44,7 +44,8 @@ def main():
 @click.option("--cpu-devices", type=int, help="Split the host CPU into this many devices "
               "for the task sharding; one per core is fastest on a CPU-only machine.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False),
-              help="Run directory for config.yaml, metrics.jsonl, checkpoints/, tensorboard/.")
+              help="Run directory for config.yaml, metrics.jsonl, checkpoints/ and the "
+              "logger's files (tensorboard/ by default).")
 @click.option("--resume", "resume_dir", type=click.Path(file_okay=False),
               help="Continue the run in this directory from its last checkpoint.")
 @click.option("--force", is_flag=True, help="Overwrite a run already in --out.")
@@ -59,7 +60,7 @@ def train(algo, env_name, config_path, overrides, iterations, seed, seeds_text, 
           devices, cpu_devices, out_dir, resume_dir, force, quiet, print_config, coordinator,
           num_processes, process_id):
     """Train a meta-policy; writes OUT/config.yaml, OUT/metrics.jsonl, checkpoints and
-    TensorBoard events.
+    the logger's files (TensorBoard events by default).
 
     Keys not given take, lowest first: the algorithm's defaults, the task's published
     setting, and, when neither --algo nor --env (nor the file) names one, the built-in

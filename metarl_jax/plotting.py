@@ -25,7 +25,7 @@ def _group_runs(run_dirs):
     for run_dir in run_dirs:
         config = load_run_config(run_dir).to_dict()
         config.pop("seed")
-        for key in ("iterations", "checkpoint_every", "keep_checkpoints",
+        for key in ("iterations", "checkpoint_every", "keep_checkpoints", "logger",
                     "debug_nan_at_iteration"):
             config.pop(key, None)
         groups[repr(sorted((k, repr(v)) for k, v in config.items()))].append(run_dir)

@@ -11,7 +11,7 @@ from typing import Any
 from metarl_jax.algorithms import ALGORITHMS
 from metarl_jax.algorithms.maml import MAML_VARIANTS
 from metarl_jax.config import (ConfigError, EnvConfig, at_least, build_dataclass, field, merge,
-                               to_dict)
+                               one_of, to_dict)
 from metarl_jax.envs import lookup, make_env
 from metarl_jax.policies import GaussianPolicy
 
@@ -29,6 +29,8 @@ class RunSettings:
     # Meta-iterations per compiled call (a `lax.scan`); must divide checkpoint_every.
     iterations_per_call: int = field(1, **at_least(1))
     keep_checkpoints: int = field(3, **at_least(1))
+    # Where the scalars go besides metrics.jsonl (`metarl_jax.loggers`).
+    logger: str = field("tensorboard", **one_of("tensorboard", "wandb", "none"))
     # Test-only fault injection: θ is replaced by NaN before this iteration.
     debug_nan_at_iteration: int | None = field(None, **at_least(1))
 

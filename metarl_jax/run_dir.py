@@ -2,7 +2,8 @@
 
     OUT/config.yaml      the resolved configuration (every key)
     OUT/metrics.jsonl    one JSON record per completed iteration
-    OUT/tensorboard/     the same scalars as TensorBoard events
+    OUT/tensorboard/     the same scalars as TensorBoard events (`logger: tensorboard`)
+    OUT/wandb/, wandb_id the local files and the id of the W&B run (`logger: wandb`)
     OUT/checkpoints/     the training state every `checkpoint_every` iterations
     OUT/eval.json        written by `metarl eval`
     OUT/.lock            the writer's lock (pid, host, since when)
@@ -26,15 +27,17 @@ import sys
 
 import yaml
 
+from metarl_jax import loggers
 from metarl_jax.config import ConfigError, load_yaml
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINT_DIR = "checkpoints"
-TENSORBOARD_DIR = "tensorboard"
+TENSORBOARD_DIR = loggers.TENSORBOARD_DIR
 EVAL_FILE = "eval.json"
 LOCK_FILE = ".lock"
-RUN_FILES = (CONFIG_FILE, METRICS_FILE, CHECKPOINT_DIR, TENSORBOARD_DIR, EVAL_FILE)
+RUN_FILES = (CONFIG_FILE, METRICS_FILE, CHECKPOINT_DIR, TENSORBOARD_DIR, loggers.WANDB_DIR,
+             loggers.WANDB_ID_FILE, EVAL_FILE)
 
 
 class RunDirectoryError(RuntimeError):
@@ -174,23 +177,24 @@ def truncate_metrics(run_dir: str, last_iteration: int) -> None:
 
 
 class MetricsLog:
-    """Appends records to `metrics.jsonl` (flushed per record) and TensorBoard."""
+    """Appends records to `metrics.jsonl` (flushed per record) and hands each to the
+    run's experiment tracker (`metarl_jax.loggers`: TensorBoard by default)."""
 
-    def __init__(self, run_dir: str, first_iteration: int):
-        from tensorboardX import SummaryWriter
-
+    def __init__(self, run_dir: str, first_iteration: int, logger: str = "tensorboard",
+                 config_dict: dict | None = None, resume: bool = False):
         self._file = open(os.path.join(run_dir, METRICS_FILE), "a")
-        # purge_step drops events of iterations about to be recomputed.
-        self._writer = SummaryWriter(os.path.join(run_dir, TENSORBOARD_DIR),
-                                     purge_step=first_iteration)
+        try:
+            self._logger = loggers.open_logger(logger, run_dir, config_dict or {},
+                                               first_iteration, resume)
+        except BaseException:
+            self._file.close()
+            raise
 
     def write(self, record: dict) -> None:
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
-        for name, value in record.items():
-            if name != "iteration":
-                self._writer.add_scalar(name, value, record["iteration"])
+        self._logger.log(record)
 
     def close(self) -> None:
         self._file.close()
-        self._writer.close()
+        self._logger.close()

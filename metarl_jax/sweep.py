@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 import yaml
 
-from metarl_jax import distributed, programs, run_dir
+from metarl_jax import distributed, loggers, programs, run_dir
 from metarl_jax.algorithms import ALGORITHMS
 from metarl_jax.checkpoints import Checkpointer
 from metarl_jax.config import ConfigError, merge
@@ -281,6 +281,7 @@ def train_sweep(members: list[Member], out_dir: str, force: bool = False,
         raise ConfigError("config: --seeds/--sweep: sweeps run in a single process")
     run = members[0].config.run
     count = len(members)
+    loggers.check_available(run.logger)
     with contextlib.ExitStack() as stack:
         os.makedirs(out_dir, exist_ok=True)
         stack.enter_context(run_dir.RunLock(out_dir))
@@ -329,10 +330,11 @@ def train_sweep(members: list[Member], out_dir: str, force: bool = False,
         for _, length in compiled.calls(first_iteration):
             compiled.program(length, stacked, active_mask)
         logs = []
-        for path in dirs:
+        for member, path in zip(members, dirs):
             if resume:
                 run_dir.truncate_metrics(path, first_iteration - 1)
-            logs.append(run_dir.MetricsLog(path, first_iteration))
+            logs.append(run_dir.MetricsLog(path, first_iteration, run.logger,
+                                           member.config.to_dict(), resume))
             stack.callback(logs[-1].close)
         bar = None
         if progress:

@@ -21,7 +21,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from metarl_jax import distributed, programs, run_dir
+from metarl_jax import distributed, loggers, programs, run_dir
 from metarl_jax.checkpoints import Checkpointer, NoIntactCheckpoint
 from metarl_jax.run_config import RunConfig, build
 
@@ -148,10 +148,11 @@ def train(config: RunConfig, out_dir: str | None = None, force: bool = False,
     """Runs meta-iterations up to `config.run.iterations`.
 
     With `out_dir` (see `metarl_jax.run_dir`): locks it, writes `config.yaml`, appends
-    one JSON line per iteration to `metrics.jsonl` and the same scalars to TensorBoard,
-    and saves the full training state every `checkpoint_every` iterations and at the
-    end. With `resume`, continues from the newest intact checkpoint: the result is the
-    same, iteration for iteration, as a run never interrupted.
+    one JSON line per iteration to `metrics.jsonl` and the same scalars to the run's
+    `logger` (TensorBoard by default; `metarl_jax.loggers`), and saves the full
+    training state every `checkpoint_every` iterations and at the end. With `resume`,
+    continues from the newest intact checkpoint: the result is the same, iteration for
+    iteration, as a run never interrupted.
 
     Under `jax.distributed` every process runs this same loop on the global device mesh;
     only process 0 writes the run's files, while all take part in checkpointing.
@@ -163,6 +164,8 @@ def train(config: RunConfig, out_dir: str | None = None, force: bool = False,
     primary = jax.process_index() == 0
     if out_dir is None and resume:
         raise ValueError("resume needs the run directory")
+    if out_dir is not None and primary:
+        loggers.check_available(run.logger)
     with contextlib.ExitStack() as stack:
         checkpointer = (_open_run_directory(config, out_dir, force, resume, primary, stack)
                         if out_dir is not None else None)
@@ -188,7 +191,8 @@ def train(config: RunConfig, out_dir: str | None = None, force: bool = False,
 
         log = bar = None
         if out_dir is not None and primary:
-            log = run_dir.MetricsLog(out_dir, first_iteration)
+            log = run_dir.MetricsLog(out_dir, first_iteration, run.logger, config.to_dict(),
+                                     resume)
             stack.callback(log.close)
         if progress and primary:
             from tqdm.auto import tqdm

@@ -90,6 +90,8 @@ def test_one_iteration_of_a_brax_task(tmp_path, env_name):
     (["--config", "/nonexistent.yaml"], "cannot read /nonexistent.yaml"),
     (["--set", "checkpoint_every=0"], "checkpoint_every: 0 not allowed; expected >= 1"),
     (["--set", "keep_checkpoints=two"], "keep_checkpoints: expected int, got 'two'"),
+    (["--set", "logger=mlflow"],
+     "logger: 'mlflow' not allowed; expected one of tensorboard, wandb, none"),
     (["--set", "env={name: point-nav, speed: 3}"], "unknown key 'env.speed'"),
     (["--iterations", "0"], "iterations: 0 not allowed; expected >= 1"),
     (["--set", "env=point-nav"], "env: expected a mapping, got 'point-nav'"),
