@@ -9,15 +9,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 METARL=${METARL:-.venv/bin/metarl}
 PYTHON=${PYTHON:-.venv/bin/python}
-for seed in 0 1 2; do
-  out=runs/compare_point_nav/gmps_seed${seed}
-  [ -d "$out/checkpoints/101" ] || "$METARL" train --config experiments/gmps_point_nav.yaml \
-    --seed "$seed" --out "$out" --force --quiet
-  out=runs/compare_point_nav/promp_seed${seed}
-  [ -d "$out/checkpoints/100" ] || "$METARL" train --config experiments/promp_point_nav.yaml \
-    --seed "$seed" --out "$out" --force --quiet
-done
-runs=(runs/compare_point_nav/{gmps,promp}_seed{0,1,2})
+source experiments/seeds.sh
+train_seeds runs/compare_point_nav/gmps 101 --config experiments/gmps_point_nav.yaml
+train_seeds runs/compare_point_nav/promp 100 --config experiments/promp_point_nav.yaml
+runs=(runs/compare_point_nav/{gmps,promp}/seed{0,1,2})
 {
   "$PYTHON" experiments/summarize.py "${runs[@]}" --first 80 --last 100 --threshold -20
   echo

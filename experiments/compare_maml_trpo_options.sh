@@ -12,6 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 METARL=${METARL:-.venv/bin/metarl}
 PYTHON=${PYTHON:-.venv/bin/python}
+source experiments/seeds.sh
 variants=("$@")
 [ ${#variants[@]} -gt 0 ] || variants=(default per_episode reversed_kl)
 
@@ -28,15 +29,10 @@ options() {
 runs=()
 for variant in "${variants[@]}"; do
   flags=$(options "$variant")
-  for seed in 0 1 2; do
-    out=runs/maml_trpo_options/${variant}_seed${seed}
-    if [ ! -d "$out/checkpoints/100" ]; then
-      # shellcheck disable=SC2086
-      "$METARL" train --config experiments/maml_trpo_point_nav.yaml --seed "$seed" \
-        --out "$out" --force --quiet $flags
-    fi
-    runs+=("$out")
-  done
+  # shellcheck disable=SC2086
+  train_seeds "runs/maml_trpo_options/$variant" 100 \
+    --config experiments/maml_trpo_point_nav.yaml $flags
+  runs+=("runs/maml_trpo_options/$variant"/seed{0,1,2})
 done
 
 {
@@ -59,7 +55,7 @@ options = {"default": "averaging: steps, kl_direction: old_new",
 print("| variant | options | pre_return | post_return | post − pre | post_return per seed |")
 print("|---|---|---|---|---|---|")
 for variant in sys.argv[1:]:
-    rows = [window_means(pathlib.Path(f"runs/maml_trpo_options/{variant}_seed{seed}"), 80, 100)
+    rows = [window_means(pathlib.Path(f"runs/maml_trpo_options/{variant}/seed{seed}"), 80, 100)
             for seed in (0, 1, 2)]
     mean = lambda key: statistics.fmean(r[key] for r in rows)  # noqa: E731
     per_seed = ", ".join(f"{r['post']:.2f}" for r in rows)

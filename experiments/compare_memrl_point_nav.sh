@@ -7,14 +7,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 METARL=${METARL:-.venv/bin/metarl}
 PYTHON=${PYTHON:-.venv/bin/python}
+source experiments/seeds.sh
 for algo in memrl promp maml-trpo; do
-  for seed in 0 1 2; do
-    out=runs/compare_point_nav/${algo}_seed${seed}
-    [ -d "$out/checkpoints/100" ] || "$METARL" train --seed "$seed" --out "$out" --force \
-      --quiet --config "experiments/$(echo "$algo" | tr - _)_point_nav.yaml"
-  done
+  train_seeds "runs/compare_point_nav/$algo" 100 \
+    --config "experiments/$(echo "$algo" | tr - _)_point_nav.yaml"
 done
-runs=(runs/compare_point_nav/{memrl,promp,maml-trpo}_seed{0,1,2})
+runs=(runs/compare_point_nav/{memrl,promp,maml-trpo}/seed{0,1,2})
 {
   echo "At 8·10⁶ environment steps (mean over the last 20 % of that budget):"
   echo
@@ -22,6 +20,6 @@ runs=(runs/compare_point_nav/{memrl,promp,maml-trpo}_seed{0,1,2})
   echo
   echo "MEMRL, iterations 80–100 (24·10⁶ environment steps per run):"
   echo
-  "$PYTHON" experiments/summarize.py runs/compare_point_nav/memrl_seed{0,1,2} --first 80 --last 100
+  "$PYTHON" experiments/summarize.py runs/compare_point_nav/memrl/seed{0,1,2} --first 80 --last 100
 } | tee experiments/compare_memrl_point_nav.md
 "$METARL" plot "${runs[@]}" --no-pre --out experiments/compare_memrl_point_nav.png
