@@ -24,8 +24,9 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
 
+# BENCH_ARGS passes options through, e.g. make bench BENCH_ARGS="--algos maml-trpo".
 bench: $(STAMP)
-	$(BIN)/python benchmarks/meta_iteration.py
+	$(BIN)/python benchmarks/meta_iteration.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .jax_cache runs

@@ -15,20 +15,15 @@ from __future__ import annotations
 
 import argparse
 import copy
-import pathlib
 import statistics
-import sys
-import time
 
 import jax
 import jax.numpy as jnp
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from meta_iteration import append_results  # noqa: E402
-
-from metarl_jax.envs import make_env  # noqa: E402
-from metarl_jax.policies import GaussianPolicy  # noqa: E402
-from metarl_jax.rollout import collect  # noqa: E402
+import harness
+from metarl_jax.envs import make_env
+from metarl_jax.policies import GaussianPolicy
+from metarl_jax.rollout import collect
 
 
 def phase_program(env, policy, params, num_tasks: int, lanes: int, horizon: int):
@@ -54,12 +49,9 @@ def bench_task(name: str, backend: str, num_tasks: int, lanes: int, horizon: int
                 "idle": phase_program(idle_env, policy, params, num_tasks, lanes, horizon)}
     outputs = {form: jax.device_get(program(jax.random.PRNGKey(1)))  # compiles
                for form, program in programs.items()}
-    seconds = {form: [] for form in programs}
-    for round_index in range(rounds):
-        for form, program in programs.items():
-            start = time.perf_counter()
-            jax.block_until_ready(program(jax.random.PRNGKey(2 + round_index)))
-            seconds[form].append(time.perf_counter() - start)
+    key = jax.random.PRNGKey(2)
+    seconds = harness.interleaved({form: lambda program=program: program(key)
+                                   for form, program in programs.items()}, rounds)
     rows = []
     for form in programs:
         transitions, episodes = (float(x) for x in outputs[form])
@@ -88,7 +80,7 @@ def main(argv=None):
     parser.add_argument("--envs", type=int, default=10, help="lanes per task (N)")
     parser.add_argument("--horizon", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--no-append", action="store_true")
+    harness.add_record_arguments(parser)
     args = parser.parse_args(argv)
     rows = []
     for name in args.tasks:
@@ -96,13 +88,12 @@ def main(argv=None):
                            args.rounds)
         print(format_table(rows), flush=True)
     table = format_table(rows)
-    if not args.no_append:
-        append_results(
-            "Restarting fallen episodes against idling lanes",
-            f"One phase of M = {args.tasks_per_phase} tasks × N = {args.envs} lanes × "
-            f"H = {args.horizon}, fresh policy, both forms compiled in one process and timed "
-            f"in {args.rounds} interleaved rounds; `python benchmarks/episode_reset.py`.",
-            table)
+    harness.record(
+        args, "Restarting fallen episodes against idling lanes",
+        f"One phase of M = {args.tasks_per_phase} tasks × N = {args.envs} lanes × "
+        f"H = {args.horizon}, fresh policy, both forms compiled in one process and timed "
+        f"in {args.rounds} interleaved rounds; `python benchmarks/episode_reset.py`.",
+        table)
 
 
 if __name__ == "__main__":

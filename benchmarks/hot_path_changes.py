@@ -12,8 +12,8 @@ patching the library for the duration of one compilation:
 - `policy`: the MLP mean as flax's `network.apply` on [N, H, obs] inputs, as
   `mlp_mean` without the column-wise output layer, and as `mlp_mean`;
 - `fvp`: MAML-TRPO's Fisher-vector product as the transpose of the whole linearised map
-  θ ↦ (μ, log σ) through the inner steps (`gaussian_fisher_vector_product`), against
-  the inner Hessians applied on both sides (`MAMLFamily.meta_kl_hvp`);
+  θ ↦ (μ, log σ) through the inner steps (`gaussian_fisher_vector_product`,
+  here), against the inner Hessians applied on both sides (`MAMLFamily.meta_kl_hvp`);
 - `curvature`: TRPO's sᵀAs by one more Fisher-vector product, against CG's residual;
 - `promp-kl`: ProMP's LVC inner loss and KL penalty from two forward passes over each
   pre-update batch, against one (`lvc_inner_loss_with_kl`).
@@ -23,19 +23,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import statistics
-import sys
-import time
+from typing import Callable
 
 import jax
+from jax.flatten_util import ravel_pytree
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from meta_iteration import SETTINGS, append_results  # noqa: E402
-
-from metarl_jax import losses, optim, policies, run_config  # noqa: E402
-from metarl_jax.algorithms import maml  # noqa: E402
-
+import harness
+from metarl_jax import losses, optim, policies
+from metarl_jax.algorithms import maml
 
 
 @contextlib.contextmanager
@@ -52,6 +48,30 @@ def flax_distribution(self, params, obs):
     return self.network.apply(params, obs)
 
 
+def gaussian_fisher_vector_product(distribution_fn: Callable, params, old_log_stds: jax.Array,
+                                   weights: jax.Array) -> Callable[[jax.Array], jax.Array]:
+    """v ↦ Jᵀ F J v at the sampling parameters: J the Jacobian of
+    params ↦ (μ, log σ) over the states, linearised once, and F the Gaussian Fisher
+    information times the state weights `weights` (`optim.gaussian_fisher_diagonal`).
+
+    Args:
+      distribution_fn: params ↦ (means, log_stds), each [..., A].
+      old_log_stds: the sampling distribution's log σ, [..., A].
+      weights: [...], the state weights (a mean over states: masks / count).
+    """
+    _, unravel = ravel_pytree(params)
+    _, linear = jax.linearize(distribution_fn, params)
+    transpose = jax.linear_transpose(linear, params)
+    mean_precision, log_std_precision = optim.gaussian_fisher_diagonal(old_log_stds, weights)
+
+    def product(v):
+        d_mean, d_log_std = linear(unravel(v))
+        (pulled_back,) = transpose((mean_precision * d_mean, log_std_precision * d_log_std))
+        return ravel_pytree(pulled_back)[0]
+
+    return product
+
+
 def transposed_kl_hvp(self, theta, pre_batches, post_batch):
     """The Fisher-vector product before the change: linearise θ ↦ (μ, log σ) through the
     inner steps and transpose the whole map."""
@@ -62,9 +82,8 @@ def transposed_kl_hvp(self, theta, pre_batches, post_batch):
 
         return jax.vmap(task_distribution)(pre_batches, post_batch)
 
-    return optim.gaussian_fisher_vector_product(post_distributions, theta,
-                                                post_batch.log_stds,
-                                                self.post_state_weights(post_batch))
+    return gaussian_fisher_vector_product(post_distributions, theta, post_batch.log_stds,
+                                          self.post_state_weights(post_batch))
 
 
 CONJUGATE_GRADIENT = optim.conjugate_gradient  # the current one, kept before patching
@@ -101,37 +120,28 @@ CHANGES = {
 }
 
 
-def compile_variant(algo: str, patches) -> tuple:
-    env_name, meta_batch, episodes, horizon = SETTINGS["point-nav"]
-    run_config = run_config.resolve_config({
-        "algo": algo, "env": {"name": env_name}, "meta_batch_size": meta_batch,
-        "episodes_per_task": episodes, "horizon": horizon})
-    _, _, algorithm = run_config.build(run_config)
+def compile_variant(algo: str, patches, batch: tuple[int, int, int]) -> Callable:
+    """One meta-iteration of `algo` on point-nav compiled with `patches` applied, as a
+    call without arguments (run once here)."""
+    env_name = harness.SETTINGS["point-nav"][0]
+    _, _, algorithm = harness.build_algorithm(algo, env_name, *batch)
     state = algorithm.init(jax.random.PRNGKey(0))
     with contextlib.ExitStack() as stack:
         for obj, name, value in patches:
             stack.enter_context(patched(obj, name, value))
         compiled = jax.jit(algorithm.meta_iteration).lower(state).compile()
     jax.block_until_ready(compiled(state))
-    return compiled, state
-
-
-def interleaved_times(compiled: dict, rounds: int, calls: int = 3) -> dict:
-    times = {name: [] for name in compiled}
-    for _ in range(rounds):
-        for name, (fn, state) in compiled.items():
-            for _ in range(calls):
-                start = time.perf_counter()
-                jax.block_until_ready(fn(state))
-                times[name].append(time.perf_counter() - start)
-    return times
+    return lambda: compiled(state)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--changes", nargs="+", default=list(CHANGES), choices=CHANGES)
     parser.add_argument("--rounds", type=int, default=6)
-    parser.add_argument("--no-record", action="store_true")
+    parser.add_argument("--batch", type=int, nargs=3, metavar=("M", "N", "H"),
+                        default=harness.SETTINGS["point-nav"][1:],
+                        help="tasks, episodes per task and horizon (default: %(default)s)")
+    harness.add_record_arguments(parser)
     args = parser.parse_args()
 
     lines = ["| change | algo | variant | median s / iteration | fastest | × replaced |",
@@ -139,9 +149,9 @@ def main():
     for change in args.changes:
         algos, variants = CHANGES[change]
         for algo in algos:
-            compiled = {name: compile_variant(algo, patches)
+            compiled = {name: compile_variant(algo, patches, tuple(args.batch))
                         for name, patches in variants.items()}
-            times = interleaved_times(compiled, args.rounds)
+            times = harness.interleaved(compiled, args.rounds, calls=3)
             first = statistics.median(times[next(iter(times))])
             for name, samples in times.items():
                 median = statistics.median(samples)
@@ -150,11 +160,11 @@ def main():
                 print(lines[-1], flush=True)
     table = "\n".join(lines)
     print(table)
-    if not args.no_record:
-        append_results("Hot-path changes against the forms they replaced, point-nav "
-                       "(M = N = 20, H = 100)",
-                       f"One process, one device; {args.rounds} interleaved rounds of 3 "
-                       "calls per variant.", table)
+    m, n, h = args.batch
+    harness.record(args, "Hot-path changes against the forms they replaced, point-nav "
+                   f"(M = {m}, N = {n}, H = {h})",
+                   f"One process, one device; {args.rounds} interleaved rounds of 3 calls "
+                   "per variant.", table)
 
 
 if __name__ == "__main__":

@@ -1,96 +1,72 @@
-"""Times one meta-iteration (after compilation) of each chosen algorithm and the rollouts
-alone at the same batch, prints a table and appends it to benchmarks/RESULTS.md with the
-machine named.
+"""Seconds per meta-iteration (after compilation) of the chosen algorithms and batches,
+with one knob varied per mode; prints a table and appends it to benchmarks/RESULTS.md
+with the machine named.
 
     python benchmarks/meta_iteration.py                       # ProMP, both settings
     python benchmarks/meta_iteration.py --settings point-nav --repeats 20
     python benchmarks/meta_iteration.py --algos promp maml-trpo dice-vpg --settings point-nav
     python benchmarks/meta_iteration.py --backend spring      # Brax backend for Brax tasks
+    python benchmarks/meta_iteration.py --mode scaling --algos maml-trpo --tasks 10 20 40 80
+    python benchmarks/meta_iteration.py --mode fused --fuse 1 5 20
+    python benchmarks/meta_iteration.py --mode train --algos maml-trpo --iterations 20
 
-The rollout-only figure samples the same K + 1 phases of M·N·H steps with the same
-policy network and no learning: it is the floor a meta-iteration cannot go under.
+Modes:
+
+- `iteration` (the default): compile time, seconds per meta-iteration, the rollouts
+  alone, GFLOP, GFLOP/s and peak memory, one row per algorithm, setting and device
+  count. The rollout-only figure samples the same K + 1 phases of M·N·H steps with the
+  same policy network and no learning: it is the floor a meta-iteration cannot go under.
+- `scaling`: the same figures with one of M, N and H varied at a time from the setting's
+  batch, and the growth of the time per doubling.
+- `fused`: several meta-iterations per compiled call (`lax.scan` over the iteration)
+  against one per call, the metrics fetched after every call as the trainer does.
+- `train`: through `metarl train` in a fresh process per variant, with and without the
+  speed flags (`--cpu-devices 2`, `iterations_per_call=5`); the figure is the median
+  `iteration_s` of the run's records after the fifth.
+
+`--batch M N H` replaces the settings' batch (a small one checks that a mode runs).
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
+import json
+import math
 import os
-import pathlib
-import platform
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 
 import jax
 import jax.numpy as jnp
 
-from metarl_jax import run_config
-from metarl_jax.algorithms import ALGORITHMS
+import harness
 from metarl_jax import distributed
+from metarl_jax.algorithms import ALGORITHMS
 from metarl_jax.algorithms.common import broadcast_to_tasks
 from metarl_jax.rollout import collect
 
-SETTINGS = {
-    # name: (env, M, N, H)
-    "point-nav": ("point-nav", 20, 20, 100),
-    "halfcheetah-dir": ("halfcheetah-dir", 40, 20, 100),
+MODES = ("iteration", "scaling", "fused", "train")
+
+TRAIN_VARIANTS = {
+    "none": [],
+    "`--cpu-devices 2`": ["--cpu-devices", "2"],
+    "`--set iterations_per_call=5`": ["--set", "iterations_per_call=5"],
+    "`--cpu-devices 2 --set iterations_per_call=5`": ["--cpu-devices", "2", "--set",
+                                                      "iterations_per_call=5"],
 }
-RESULTS = pathlib.Path(__file__).resolve().parent / "RESULTS.md"
-
-
-def machine_description() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    device = jax.devices()[0]
-    return (f"{cpu}, {os.cpu_count()} cores; JAX {jax.__version__} on "
-            f"{device.platform.upper()} ({getattr(device, 'device_kind', device.platform)})")
-
-
-def append_results(title: str, method: str, table: str, path=RESULTS) -> None:
-    """Appends a "### title, UTC time" block naming the machine, then how the numbers
-    were taken (`method`) and the table, to benchmarks/RESULTS.md."""
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    with open(path, "a") as f:
-        f.write(f"\n### {title}, {stamp}\n\nMachine: {machine_description()}. {method}\n\n"
-                f"{table}\n")
-
-
-def timed(fn, *args, repeats: int):
-    """(first-call seconds including compilation, median seconds of later calls)."""
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    first = time.perf_counter() - start
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        samples.append(time.perf_counter() - start)
-    return first, statistics.median(samples)
-
-
-def bench_setting(algo: str, name: str, backend: str, repeats: int, devices: int = 1) -> dict:
-    env_name, meta_batch, episodes, horizon = SETTINGS[name]
-    return bench(algo, env_name, meta_batch, episodes, horizon, backend, repeats, name,
-                 devices)
 
 
 def bench(algo: str, env_name: str, meta_batch: int, episodes: int, horizon: int,
           backend: str = "generalized", repeats: int = 5, name: str | None = None,
           devices: int = 1) -> dict:
-    """Compile time, seconds per meta-iteration and the rollout-only floor of one setting,
+    """Compile time, seconds per meta-iteration and the rollout-only floor of one batch,
     with the tasks sharded over `devices` devices (as `metarl train` shards them)."""
     name = name or env_name
-    run_config = run_config.resolve_config({
-        "algo": algo, "env": {"name": env_name, "backend": backend},
-        "meta_batch_size": meta_batch, "episodes_per_task": episodes, "horizon": horizon})
-    env, policy, algorithm = run_config.build(run_config)
+    env, policy, algorithm = harness.build_algorithm(algo, env_name, meta_batch, episodes,
+                                                     horizon, backend)
     config = algorithm.config
     sharding = distributed.task_sharding(devices)
     distributed.check_divisible(meta_batch, sharding)
@@ -101,9 +77,9 @@ def bench(algo: str, env_name: str, meta_batch: int, episodes: int, horizon: int
     with distributed.use_task_sharding(sharding):
         compiled = jax.jit(algorithm.meta_iteration).lower(state).compile()
     compile_s = time.perf_counter() - compile_start
-    _, per_iteration = timed(lambda s: compiled(s)[1], state, repeats=repeats)
-    xla_flops = _xla_flops(compiled)
-    model_flops = model_flops_per_iteration(policy, config, algo, algorithm)
+    _, per_iteration = harness.timed(lambda s: compiled(s)[1], state, repeats=repeats)
+    xla_flops = xla_flops_per_call(compiled)
+    model_flops = model_flops_per_iteration(policy, config, algo)
 
     @jax.jit
     def rollouts_only(params, key):
@@ -117,8 +93,8 @@ def bench(algo: str, env_name: str, meta_batch: int, episodes: int, horizon: int
         return jax.lax.scan(phase, 0.0, jax.random.split(key, config.inner_steps + 1))[1]
 
     with distributed.use_task_sharding(sharding):  # traced on the first call
-        _, rollout_time = timed(rollouts_only, state.params, jax.random.PRNGKey(1),
-                                repeats=repeats)
+        _, rollout_time = harness.timed(rollouts_only, state.params, jax.random.PRNGKey(1),
+                                        repeats=repeats)
     steps = algorithm.env_steps_per_iteration
     return {"algo": algo, "setting": f"{name} (M={meta_batch}, N={episodes}, H={horizon})",
             "backend": env.backend or "-", "devices": devices, "compile_s": compile_s,
@@ -127,10 +103,10 @@ def bench(algo: str, env_name: str, meta_batch: int, episodes: int, horizon: int
             "rollout_share": rollout_time / per_iteration,
             "model_gflops": model_flops / 1e9, "xla_gflops": xla_flops / 1e9,
             "gflops_per_s": model_flops / per_iteration / 1e9,
-            "memory_mb": _peak_memory_bytes(compiled) / 2 ** 20}
+            "memory_mb": peak_memory_bytes(compiled) / 2 ** 20}
 
 
-def _xla_flops(compiled) -> float:
+def xla_flops_per_call(compiled) -> float:
     """XLA's own count for one call (a loop body is counted once, so the rollout scans
     are undercounted; the outer steps, which are not loops, are counted in full)."""
     cost = compiled.cost_analysis()
@@ -139,7 +115,7 @@ def _xla_flops(compiled) -> float:
     return float((cost or {}).get("flops", float("nan")))
 
 
-def _peak_memory_bytes(compiled) -> float:
+def peak_memory_bytes(compiled) -> float:
     """Peak device memory of one call: the allocator's high-water mark where the device
     reports one (GPU, TPU), else XLA's buffer assignment (arguments + outputs + temps)."""
     stats = jax.devices()[0].memory_stats() or {}
@@ -152,12 +128,12 @@ def _peak_memory_bytes(compiled) -> float:
                  + memory.temp_size_in_bytes)
 
 
-def _forward_flops(policy, samples: int) -> float:
+def forward_flops(policy, samples: int) -> float:
     widths = [policy.observation_size, *policy.hidden_sizes, policy.action_size]
     return 2.0 * samples * sum(a * b for a, b in zip(widths[:-1], widths[1:]))
 
 
-def model_flops_per_iteration(policy, config, algo: str, algorithm) -> float:
+def model_flops_per_iteration(policy, config, algo: str) -> float:
     """Floating-point operations of one meta-iteration's network work, by the rule of
     thumb: sampling is one forward pass per step; a second-order outer step
     costs about ten forward passes over the pre-update data plus three over the
@@ -165,11 +141,11 @@ def model_flops_per_iteration(policy, config, algo: str, algorithm) -> float:
     The P (ProMP), line-search and CG (TRPO) multiples are the algorithm's own."""
     per_phase = config.meta_batch_size * config.episodes_per_task * config.horizon
     pre = config.inner_steps * per_phase
-    sampling = _forward_flops(policy, (config.inner_steps + 1) * per_phase)
-    inner_steps = 3 * _forward_flops(policy, pre)  # the adaptation between phases
+    sampling = forward_flops(policy, (config.inner_steps + 1) * per_phase)
+    inner_steps = 3 * forward_flops(policy, pre)  # the adaptation between phases
     second_order = getattr(config, "first_order", False) is False
-    outer = (10 if second_order else 3) * _forward_flops(policy, pre) \
-        + 3 * _forward_flops(policy, per_phase)
+    outer = (10 if second_order else 3) * forward_flops(policy, pre) \
+        + 3 * forward_flops(policy, per_phase)
     if algo == "promp":
         outer *= config.promp_steps
     elif algo.endswith("-trpo"):
@@ -179,32 +155,59 @@ def model_flops_per_iteration(policy, config, algo: str, algorithm) -> float:
         # forward and its transpose over the post data, 4 passes) + one line-search
         # evaluation (the usual case: the first candidate is accepted; the inner step
         # and the post loss, ~4 passes)
-        outer += config.cg_iterations * (12 * _forward_flops(policy, pre)
-                                         + 4 * _forward_flops(policy, per_phase)) \
-            + 3 * _forward_flops(policy, pre) + _forward_flops(policy, per_phase)
+        outer += config.cg_iterations * (12 * forward_flops(policy, pre)
+                                         + 4 * forward_flops(policy, per_phase)) \
+            + 3 * forward_flops(policy, pre) + forward_flops(policy, per_phase)
     elif algo == "memrl":
-        outer = 3 * _forward_flops(policy, pre)  # proximal steps are ordinary PG steps
+        outer = 3 * forward_flops(policy, pre)  # proximal steps are ordinary PG steps
     return sampling + inner_steps + outer
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--algos", nargs="+", default=["promp"], choices=sorted(ALGORITHMS))
-    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=SETTINGS)
-    parser.add_argument("--backend", default="generalized")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--devices", type=int, nargs="+", default=[1],
-                        help="shard the tasks over this many devices (one row each)")
-    parser.add_argument("--cpu-devices", type=int,
-                        help="split the host CPU into this many devices first")
-    parser.add_argument("--no-record", action="store_true",
-                        help="print only; do not append to RESULTS.md")
-    args = parser.parse_args()
-    if args.cpu_devices:
-        distributed.split_cpu(args.cpu_devices)
+def fused_seconds_per_iteration(algo: str, env_name: str, meta_batch: int, episodes: int,
+                                horizon: int, backend: str, fuse: int, calls: int) -> float:
+    """Median seconds per iteration of `calls` calls that run `fuse` meta-iterations each."""
+    _, _, algorithm = harness.build_algorithm(algo, env_name, meta_batch, episodes, horizon,
+                                              backend)
+    state = algorithm.init(jax.random.PRNGKey(0))
 
-    rows = [bench_setting(algo, name, args.backend, args.repeats, devices)
-            for name in args.settings for algo in args.algos for devices in args.devices]
+    def fused(state):
+        return jax.lax.scan(lambda s, _: algorithm.meta_iteration(s), state, None,
+                            length=fuse)
+
+    step = jax.jit(fused, donate_argnums=0)
+    state, metrics = step(state)
+    jax.block_until_ready(metrics)
+    samples = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        state, metrics = step(state)
+        jax.device_get(metrics)  # what the trainer does after every call
+        samples.append((time.perf_counter() - start) / fuse)
+    return statistics.median(samples)
+
+
+def train_seconds_per_iteration(algo: str, env_name: str, meta_batch: int, episodes: int,
+                                horizon: int, backend: str, iterations: int,
+                                flags: list[str]) -> float:
+    """Median `iteration_s` after the fifth record of one `metarl train` run."""
+    with tempfile.TemporaryDirectory() as out:
+        subprocess.run([sys.executable, "-m", "metarl_jax.cli", "train", "--algo", algo,
+                        "--env", env_name, "--iterations", str(iterations),
+                        "--set", f"env.backend={backend}",
+                        "--set", f"meta_batch_size={meta_batch}",
+                        "--set", f"episodes_per_task={episodes}",
+                        "--set", f"horizon={horizon}",
+                        "--set", f"checkpoint_every={iterations}", "--out", out, "--force",
+                        "--quiet", *flags], check=True, capture_output=True)
+        with open(os.path.join(out, "metrics.jsonl")) as f:
+            records = [json.loads(line) for line in f]
+    return statistics.median(r["iteration_s"] for r in records[5:])
+
+
+def iteration_mode(args, batches) -> None:
+    rows = [bench(algo, env_name, m, n, h, args.backend, args.repeats, name, devices)
+            for name, (env_name, m, n, h) in batches for algo in args.algos
+            for devices in args.devices]
     header = ("| algo | setting | backend | devices | compile (s) | s / meta-iteration | "
               "rollouts alone (s) | rollout share | env steps / s | GFLOP (model / XLA) | "
               "GFLOP/s | peak memory (MiB) |\n"
@@ -216,9 +219,127 @@ def main():
              f"{r['gflops_per_s']:.0f} | {r['memory_mb']:.0f} |" for r in rows]
     table = "\n".join([header, *lines])
     print(table)
-    if not args.no_record:
-        append_results("Meta-iteration", f"Median of {args.repeats} calls after the first.",
-                       table)
+    harness.record(args, "Meta-iteration", f"Median of {args.repeats} calls after the first.",
+                   table)
+
+
+def scaling_mode(args, batches) -> None:
+    for name, (env_name, base_m, base_n, base_h) in batches:
+        for algo in args.algos:
+            sweeps = {
+                "M": [(m, base_n, base_h) for m in sorted(set(args.tasks) | {base_m})],
+                "N": [(base_m, n, base_h) for n in sorted(set(args.episodes) | {base_n})],
+                "H": [(base_m, base_n, h) for h in sorted(set(args.horizons) | {base_h})]}
+            measured: dict = {}
+            lines = ["| sweep | M | N | H | s / meta-iteration | rollouts alone (s) | "
+                     "× per doubling | env steps / s |", "|---|---|---|---|---|---|---|---|"]
+            for sweep, sizes in sweeps.items():
+                previous = None
+                for m, n, h in sizes:
+                    if (m, n, h) not in measured:
+                        measured[(m, n, h)] = bench(algo, env_name, m, n, h, args.backend,
+                                                    args.repeats, name)
+                        print(m, n, h, f"{measured[(m, n, h)]['iteration_s']:.3f}",
+                              flush=True)
+                    row = measured[(m, n, h)]
+                    size = {"M": m, "N": n, "H": h}[sweep]
+                    growth = ""
+                    if previous is not None:
+                        last_size, last_time = previous
+                        ratio = row["iteration_s"] / last_time
+                        growth = f"{ratio ** (1 / math.log2(size / last_size)):.2f}"
+                    previous = (size, row["iteration_s"])
+                    lines.append(f"| {sweep} | {m} | {n} | {h} | {row['iteration_s']:.3f} | "
+                                 f"{row['rollout_s']:.3f} | {growth} | "
+                                 f"{row['steps_per_s']:,.0f} |")
+            table = "\n".join(lines)
+            print(table)
+            harness.record(
+                args, f"Scaling, {algo} on {env_name}",
+                f"Median of {args.repeats} calls after the first; one size varied per "
+                f"sweep from M = {base_m}, N = {base_n}, H = {base_h}; growth is the time "
+                "ratio per doubling against the previous row of the sweep (1.0: free, "
+                "2.0: linear).", table)
+
+
+def fused_mode(args, batches) -> None:
+    lines = ["| algo | setting | iterations per call | s / meta-iteration | vs first row |",
+             "|---|---|---|---|---|"]
+    for name, (env_name, m, n, h) in batches:
+        for algo in args.algos:
+            rows = [(fuse, fused_seconds_per_iteration(algo, env_name, m, n, h, args.backend,
+                                                       fuse, max(3, args.iterations // fuse)))
+                    for fuse in args.fuse]
+            base = rows[0][1]
+            lines += [f"| {algo} | {name} | {fuse} | {seconds:.3f} | {seconds / base:.2f} |"
+                      for fuse, seconds in rows]
+    table = "\n".join(lines)
+    print(table)
+    harness.record(args, "Fused meta-iterations", "Median over the calls, per iteration.",
+                   table)
+
+
+def train_mode(args, batches) -> None:
+    for name, (env_name, m, n, h) in batches:
+        for algo in args.algos:
+            rows = [(variant, train_seconds_per_iteration(algo, env_name, m, n, h,
+                                                          args.backend, args.iterations,
+                                                          flags))
+                    for variant, flags in TRAIN_VARIANTS.items()]
+            table = "\n".join(["| algo | flags | s / meta-iteration |", "|---|---|---|"]
+                              + [f"| {algo} | {variant} | {seconds:.3f} |"
+                                 for variant, seconds in rows])
+            print(table)
+            harness.record(args, f"`metarl train` on {name}, {algo}",
+                           f"M = {m}, N = {n}, H = {h}; {args.iterations} iterations per "
+                           "run, median `iteration_s` after the fifth.", table)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mode", choices=MODES, default="iteration")
+    parser.add_argument("--algos", nargs="+", default=["promp"], choices=sorted(ALGORITHMS))
+    parser.add_argument("--settings", nargs="+", choices=harness.SETTINGS,
+                        help="default: every setting in the iteration mode, point-nav in "
+                             "the others")
+    parser.add_argument("--batch", type=int, nargs=3, metavar=("M", "N", "H"),
+                        help="tasks, episodes per task and horizon instead of the settings'")
+    parser.add_argument("--backend", default="generalized")
+    parser.add_argument("--repeats", type=int, default=5,
+                        help="calls timed after the first (iteration, scaling)")
+    parser.add_argument("--devices", type=int, nargs="+", default=[1],
+                        help="shard the tasks over this many devices, one row each "
+                             "(iteration)")
+    parser.add_argument("--cpu-devices", type=int,
+                        help="split the host CPU into this many devices first, for "
+                             "--devices (iteration)")
+    parser.add_argument("--tasks", type=int, nargs="+", default=[10, 20, 40, 80, 160, 320],
+                        help="M of the M sweep (scaling)")
+    parser.add_argument("--episodes", type=int, nargs="+", default=[10, 20, 40],
+                        help="N of the N sweep (scaling)")
+    parser.add_argument("--horizons", type=int, nargs="+", default=[50, 100, 200],
+                        help="H of the H sweep (scaling)")
+    parser.add_argument("--fuse", type=int, nargs="+", default=[1, 5, 20],
+                        help="meta-iterations per call, one row each (fused)")
+    parser.add_argument("--iterations", type=int, default=40,
+                        help="iterations timed per row (fused) or per run (train; a "
+                             "multiple of 5, since iterations_per_call=5 divides it)")
+    harness.add_record_arguments(parser)
+    args = parser.parse_args()
+    if args.cpu_devices:
+        if args.mode != "iteration":
+            parser.error("--cpu-devices is for the iteration mode (the train mode runs "
+                         "with and without it)")
+        distributed.split_cpu(args.cpu_devices)
+
+    names = args.settings or (list(harness.SETTINGS) if args.mode == "iteration"
+                              else ["point-nav"])
+    batches = []
+    for name in names:
+        env_name, *sizes = harness.SETTINGS[name]
+        batches.append((name, (env_name, *(args.batch or sizes))))
+    {"iteration": iteration_mode, "scaling": scaling_mode, "fused": fused_mode,
+     "train": train_mode}[args.mode](args, batches)
 
 
 if __name__ == "__main__":

@@ -17,19 +17,14 @@ compares, and it does not depend on H once the batch fills the device.
 from __future__ import annotations
 
 import argparse
-import datetime
-import pathlib
-import sys
 import time
 
 import jax
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from meta_iteration import RESULTS, machine_description, timed  # noqa: E402
-
-from metarl_jax.envs import BRAX_BACKENDS, env_names, make_env  # noqa: E402
-from metarl_jax.policies import GaussianPolicy  # noqa: E402
-from metarl_jax.rollout import collect  # noqa: E402
+import harness
+from metarl_jax.envs import BRAX_BACKENDS, env_names, make_env
+from metarl_jax.policies import GaussianPolicy
+from metarl_jax.rollout import collect
 
 
 def bench_rollouts(env_name: str, backend: str, meta_batch: int, episodes: int,
@@ -51,7 +46,7 @@ def bench_rollouts(env_name: str, backend: str, meta_batch: int, episodes: int,
     compile_start = time.perf_counter()
     sample.lower(jax.random.PRNGKey(1)).compile()
     compile_s = time.perf_counter() - compile_start
-    _, seconds = timed(sample, jax.random.PRNGKey(2), repeats=repeats)
+    _, seconds = harness.timed(sample, jax.random.PRNGKey(2), repeats=repeats)
     steps = meta_batch * episodes * horizon
     return dict(task=env_name, backend=backend, envs=meta_batch * episodes, horizon=horizon,
                 compile_s=compile_s, seconds=seconds, steps_per_s=steps / seconds)
@@ -80,7 +75,7 @@ def main(argv=None):
     parser.add_argument("--horizon", type=int, default=None,
                         help="timed episode length (default: the task's)")
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--no-append", action="store_true")
+    harness.add_record_arguments(parser)
     args = parser.parse_args(argv)
 
     rows = []
@@ -95,16 +90,12 @@ def main(argv=None):
             rows.append(row)
             print(format_table([row]).splitlines()[-1], flush=True)
     table = format_table(rows)
-    stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
-    text = (f"\n### Rollout throughput per task and backend ({stamp})\n\n"
-            f"Machine: {machine_description()}. One sampling phase of M·N = "
-            f"{args.meta_batch * args.episodes} episodes, random-initialised policy; "
-            f"`python benchmarks/rollouts.py"
-            f"{'' if args.horizon is None else f' --horizon {args.horizon}'}`.\n\n{table}\n")
-    print(text)
-    if not args.no_append:
-        with open(RESULTS, "a") as f:
-            f.write(text)
+    print(table)
+    harness.record(
+        args, "Rollout throughput per task and backend",
+        f"One sampling phase of M·N = {args.meta_batch * args.episodes} episodes, "
+        "random-initialised policy; `python benchmarks/rollouts.py"
+        f"{'' if args.horizon is None else f' --horizon {args.horizon}'}`.", table)
 
 
 if __name__ == "__main__":

@@ -55,38 +55,14 @@ def hessian_vector_product(fn: Callable, params) -> Callable[[jax.Array], jax.Ar
 def gaussian_fisher_diagonal(old_log_stds: jax.Array, weights: jax.Array):
     """The Fisher information of a diagonal Gaussian in (μ, log σ), times state weights:
     (w_s / σ², 2 w_s) per state s and action dimension, each shaped like `old_log_stds`.
-    It is the Hessian of KL(π_old ‖ π) in (μ, log σ) at π = π_old."""
+    It is the Hessian of KL(π_old ‖ π) in (μ, log σ) at π = π_old.
+
+    There the KL's gradient with respect to (μ, log σ) vanishes, so the KL's Hessian with
+    respect to the policy parameters θ is exactly Jᵀ F J, J the Jacobian of θ ↦ (μ, log σ)
+    over the states and F this diagonal: products with it need one linearisation of that
+    map, not a third-order derivative when the map itself contains an inner gradient step
+    (MAML-TRPO's `MAMLFamily.meta_kl_hvp`)."""
     return weights[..., None] * jnp.exp(-2.0 * old_log_stds), 2.0 * weights[..., None]
-
-
-def gaussian_fisher_vector_product(distribution_fn: Callable, params, old_log_stds: jax.Array,
-                                   weights: jax.Array) -> Callable[[jax.Array], jax.Array]:
-    """v ↦ ∇²KL(θ) v at θ = the sampling parameters, for
-    KL(θ) = Σ_s w_s KL(π_old(·|s) ‖ π_θ(·|s)) with diagonal-Gaussian policies.
-
-    At θ = θ_old the KL's gradient with respect to the distribution parameters vanishes,
-    so its Hessian is exactly Jᵀ F J: J the Jacobian of θ ↦ (μ, log σ) over the states,
-    F the Gaussian Fisher information (1/σ² for μ, 2 for log σ, per action dimension).
-    The Jacobian is linearised once (`jax.linearize`) and every product costs one
-    forward and one transposed linear pass, instead of a third-order derivative when θ
-    ↦ (μ, log σ) itself contains an inner gradient step (MAML-TRPO).
-
-    Args:
-      distribution_fn: params ↦ (means, log_stds), each [..., A].
-      old_log_stds: the sampling distribution's log σ, [..., A].
-      weights: [...], the state weights w_s (a mean over states: masks / count).
-    """
-    _, unravel = ravel_pytree(params)
-    _, linear = jax.linearize(distribution_fn, params)
-    transpose = jax.linear_transpose(linear, params)
-    mean_precision, log_std_precision = gaussian_fisher_diagonal(old_log_stds, weights)
-
-    def product(v):
-        d_mean, d_log_std = linear(unravel(v))
-        (pulled_back,) = transpose((mean_precision * d_mean, log_std_precision * d_log_std))
-        return ravel_pytree(pulled_back)[0]
-
-    return product
 
 
 def trpo_step(loss_fn: Callable, kl_fn: Callable, params, max_kl: float = 0.01,
@@ -101,7 +77,7 @@ def trpo_step(loss_fn: Callable, kl_fn: Callable, params, max_kl: float = 0.01,
       backtracking line search over β·ratio^j, j = 0..max_backtracks-1, accepting the
       first step that lowers the loss and keeps the KL ≤ δ; otherwise params unchanged.
       `kl_hvp` may supply the KL's Hessian-vector product at `params` (for instance
-      `gaussian_fisher_vector_product`); by default it is autodiff of `kl_fn`.
+      `MAMLFamily.meta_kl_hvp`); by default it is autodiff of `kl_fn`.
 
     Returns:
       (new_params, info) with info = {"accepted", "backtracks", "loss_before",

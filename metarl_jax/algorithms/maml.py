@@ -298,7 +298,7 @@ class MAMLFamily(MetaLearner):
 
     def meta_kl_hvp(self, theta, pre_batches: Trajectories, post_batch: Trajectories):
         """The Hessian-vector product of `meta_kl` at the sampling θ, in Gauss–Newton form
-        (exact there; see `gaussian_fisher_vector_product`), factored through the inner
+        (exact there; see `gaussian_fisher_diagonal`), factored through the inner
         steps.
 
         Per task, φ_k = φ_{k−1} − α ∇L_in(φ_{k−1}; batch_k), so the Jacobian of the
