@@ -41,3 +41,17 @@ def test_distribution_matches_flax_apply(action_size, activation, batch_shape):
     # leaf's largest ones (this CPU: 1.3e-6 on an entry of 1.5e-3 in a leaf up to 35)
     for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * max(1.0, float(np.max(np.abs(b)))))
+
+
+@pytest.mark.parametrize("backend, columnwise", [("cpu", True), ("gpu", False),
+                                                 ("tpu", False)])
+def test_only_the_cpu_gets_the_columnwise_output_layer(monkeypatch, backend, columnwise):
+    """The output layer's form is chosen by the backend the program is built for: a
+    stack of matrix-vector products on CPU, one matrix product on accelerators."""
+    policy = GaussianPolicy(observation_size=3, action_size=2, hidden_sizes=(8,))
+    params = policy.init(jax.random.PRNGKey(0))
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
+    jaxpr = jax.make_jaxpr(policy.distribution)(params, jnp.zeros((5, 3)))
+    dots = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "dot_general"]
+    # One product for the hidden layer, then one per output unit or one for all.
+    assert len(dots) == (1 + 2 if columnwise else 1 + 1)
