@@ -121,43 +121,43 @@ TWO_DEVICES = textwrap.dedent("""
     import jax
     from metarl_jax import distributed, programs, run_config, trainer
     assert len(jax.devices()) == 2, jax.devices()
+    config = run_config.resolve_config({**json.loads(sys.argv[1]), "iterations": 1})
+    _, _, algorithm = run_config.build(config)
+    state = algorithm.prepare(algorithm.init(jax.random.PRNGKey(config.run.seed)),
+                              config.run.seed)
     results = {}
-    for raw in json.loads(sys.argv[1]):
-        runs = {}
-        for devices in (1, 2):
-            config = run_config.resolve_config({**raw, "iterations": 1, "devices": devices})
-            (record,) = trainer.train(config, progress=False).history
-            runs[devices] = {k: v for k, v in record.items() if not k.endswith("_s")}
-        # The two-device program is partitioned: the outer loss's sum over tasks
-        # needs a reduction across the devices.
-        _, _, algorithm = run_config.build(config)
-        sharding = distributed.task_sharding(2)
-        state = jax.device_put(algorithm.prepare(algorithm.init(jax.random.PRNGKey(0)), 0),
-                               distributed.replicated(sharding))
-        compiled = programs.IterationPrograms(algorithm, config.run, sharding).program(1, state)
-        runs["partitioned"] = "all-reduce" in compiled.as_text()
-        results[raw["algo"]] = runs
+    for devices in (1, 2):
+        sharding = distributed.task_sharding(devices)
+        placed = jax.device_put(state, distributed.replicated(sharding))
+        program = programs.IterationPrograms(algorithm, config.run, sharding).program(1, placed)
+        metrics = trainer.flatten_metrics(jax.device_get(program(placed)[1]))
+        # Split over the devices, the sums over tasks need a reduction across them.
+        results[devices] = {"metrics": metrics, "partitioned": "all-reduce" in program.as_text()}
     print(json.dumps(results))
 """)
 
+# TRPO's conjugate gradient amplifies the last-bit differences of sums reassociated
+# across devices where the Fisher matrix of these tiny batches is singular, and the
+# line search's outputs inherit it: they are compared more loosely.
+CONJUGATE_GRADIENT_OUTPUTS = {"step_size", "kl", "outer_loss_after", "policy_std"}
 
-def test_two_devices_give_the_numbers_of_one_for_every_algorithm():
-    """The task sharding is applied for every algorithm, not by each remembering to:
-    on two devices the program is partitioned and the first iteration's metrics equal
-    one device's up to the reassociation of sums over tasks."""
-    raws = [tiny_raw(algo) for algo in sorted(ALGORITHMS)]
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
-           "JAX_PLATFORMS": "cpu"}
-    out = subprocess.run([sys.executable, "-c", TWO_DEVICES, json.dumps(raws)], env=env,
-                         capture_output=True, text=True, timeout=900)
+
+@pytest.mark.parametrize("algo", sorted(ALGORITHMS))
+def test_two_devices_split_the_tasks_and_give_the_numbers_of_one(algo):
+    """The task sharding is applied for every algorithm, not by each remembering to: on
+    two devices the program is partitioned, and the first iteration's metrics equal one
+    device's up to the reassociation of sums over tasks."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS":
+           "--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0",
+           "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir}
+    out = subprocess.run([sys.executable, "-c", TWO_DEVICES, json.dumps(tiny_raw(algo))],
+                         env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     results = json.loads(out.stdout.strip().splitlines()[-1])
-    assert sorted(results) == sorted(ALGORITHMS)
-    for algo, runs in results.items():
-        one, two = runs["1"], runs["2"]
-        assert runs["partitioned"], f"{algo}: the two-device program is not partitioned"
-        assert (one["devices"], two["devices"]) == (1, 2)
-        assert one.keys() == two.keys(), algo
-        for key in one:
-            if key != "devices":
-                assert two[key] == pytest.approx(one[key], rel=1e-2, abs=1e-4), (algo, key)
+    one, two = results["1"], results["2"]
+    assert not one["partitioned"] and two["partitioned"], (
+        f"{algo}: the two-device program does not split the tasks")
+    assert one["metrics"].keys() == two["metrics"].keys()
+    for key, value in one["metrics"].items():
+        rel = 5e-2 if key in CONJUGATE_GRADIENT_OUTPUTS else 1e-3
+        assert two["metrics"][key] == pytest.approx(value, rel=rel, abs=1e-4), (algo, key)
