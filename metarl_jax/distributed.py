@@ -18,6 +18,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+import metarl_jax
 from metarl_jax.config import ConfigError
 
 TASK_AXIS = "tasks"
@@ -50,7 +51,9 @@ def split_cpu(num_devices: int) -> None:
     """Makes the host CPU appear to JAX as `num_devices` devices, so that the task
     sharding spreads a meta-batch over them: on a CPU-only machine, one device per core
     can keep the cores busier than XLA's own threading (measured in
-    benchmarks/RESULTS.md). Must be called before JAX runs anything."""
+    benchmarks/RESULTS.md). Also gives XLA's CPU thread pool one thread per device beyond
+    the cores (`metarl_jax.reserve_cpu_threads`), without which batched LAPACK kernels
+    can deadlock the devices. Must be called before JAX runs anything."""
     if num_devices < 1:
         raise ConfigError(f"config: cpu_devices: {num_devices}; expected at least 1")
     try:
@@ -58,6 +61,9 @@ def split_cpu(num_devices: int) -> None:
     except RuntimeError as error:
         raise ConfigError("config: cpu_devices: JAX has already started its CPU backend; "
                           "split the CPU before running anything") from error
+    # One more thread per device in XLA's CPU pool, against the LAPACK deadlock of a
+    # split CPU (metarl_jax/__init__.py); read when the CPU client is created, later.
+    metarl_jax.reserve_cpu_threads(num_devices)
 
 
 def shard_tasks(tree):
