@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 import yaml
 
-from metarl_jax import distributed, loggers, programs, run_dir
+from metarl_jax import distributed, loggers, programs, run_dir, watchdog
 from metarl_jax.algorithms import ALGORITHMS
 from metarl_jax.checkpoints import Checkpointer
 from metarl_jax.config import ConfigError, merge
@@ -356,14 +356,16 @@ def train_sweep(members: list[Member], out_dir: str, force: bool = False,
                     "algorithm": algorithms[index].host_state()})
 
         signals = stack.enter_context(StopSignals())
+        dog = watchdog.Watchdog()
         for call_start, length in compiled.calls(first_iteration):
             if not active.any():
                 break
             tick = time.perf_counter()
             call_input = stacked
-            stacked, device_metrics = compiled.program(length, stacked, active_mask)(
-                stacked, active_mask)
-            host_metrics = jax.device_get(device_metrics)
+            with dog.watch(f"sweep call (iterations {call_start}-{call_start + length - 1})"):
+                stacked, device_metrics = compiled.program(length, stacked, active_mask)(
+                    stacked, active_mask)
+                host_metrics = jax.device_get(device_metrics)
             per_iteration_s = (time.perf_counter() - tick) / length
             diverged_now = []
             for index in np.flatnonzero(active):

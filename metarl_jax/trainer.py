@@ -21,7 +21,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from metarl_jax import distributed, loggers, programs, run_dir
+from metarl_jax import distributed, loggers, programs, run_dir, watchdog
 from metarl_jax.checkpoints import Checkpointer, NoIntactCheckpoint
 from metarl_jax.run_config import RunConfig, build
 
@@ -214,13 +214,16 @@ def train(config: RunConfig, out_dir: str | None = None, force: bool = False,
 
         history = []
         signals = stack.enter_context(StopSignals())
+        dog = watchdog.Watchdog()  # says so on stderr if a compiled call never returns
         completed = None  # (iteration, state, time_s) of the last logged call
         try:
             for call_start, length in compiled.calls(first_iteration):
                 tick = time.perf_counter()
                 call_input = state
-                state, device_metrics = compiled(state, length)
-                host_metrics = jax.device_get(device_metrics)
+                with dog.watch(f"meta-iteration call (iterations {call_start}-"
+                               f"{call_start + length - 1})"):
+                    state, device_metrics = compiled(state, length)
+                    host_metrics = jax.device_get(device_metrics)
                 per_iteration_s = (time.perf_counter() - tick) / length
 
                 def elapsed_at(offset, tick=tick, per_iteration_s=per_iteration_s):

@@ -94,3 +94,18 @@ def test_on_a_real_file_the_stacks_come_from_faulthandler(tmp_path):
     text = (tmp_path / "err.txt").read_text()
     assert "Current thread" in text or "Thread 0x" in text  # faulthandler's format
     assert "test_watchdog.py" in text and "end of report" in text
+
+
+def test_the_trainer_watches_its_compiled_calls(monkeypatch, capfd):
+    """A first call given no time at all is reported, and the run still completes."""
+    from metarl_jax import run_config, trainer
+
+    monkeypatch.setenv("METARL_WATCHDOG_FIRST_CALL_S", "0")
+    config = run_config.resolve_config({
+        **run_config.DEFAULT_EXPERIMENT, "iterations": 2, "meta_batch_size": 2,
+        "episodes_per_task": 2, "horizon": 8, "hidden_sizes": [8, 8]})
+    history = trainer.train(config, progress=False).history
+    assert [r["iteration"] for r in history] == [1, 2]
+    stderr = capfd.readouterr().err
+    assert "meta-iteration call (iterations 1-1)" in stderr
+    assert "metarl watchdog: meta-iteration call (iterations 1-1) returned after" in stderr
