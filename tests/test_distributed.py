@@ -47,14 +47,6 @@ def assert_close(a, b, keys, rel):
         assert b[key] == pytest.approx(a[key], rel=rel, abs=1e-4), (key, a[key], b[key])
 
 
-def test_four_devices_match_one_device_promp():
-    single, sharded = run("promp", 1), run("promp", 4)
-    assert [r["iteration"] for r in sharded] == [1, 2, 3]
-    for a, b in zip(single, sharded):
-        assert a.keys() == b.keys()
-        assert_close(a, b, a.keys(), rel=2e-3)
-
-
 def test_four_devices_match_one_device_maml_trpo():
     """Sums over tasks are reassociated across devices, and TRPO's conjugate gradient
     amplifies those last-bit differences where the Fisher matrix is singular: with the

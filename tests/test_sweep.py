@@ -118,3 +118,41 @@ def test_a_diverging_member_stops_alone(tmp_path, capsys):
     alone = trainer.train(run_config.resolve_config({**raw, "seed": 0}),
                           progress=False).history
     close(results[0].history, alone)
+
+
+def test_sigterm_checkpoints_every_member_and_resume_continues_them(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from metarl_jax.cli import EXIT_PREEMPTED
+
+    def cli(*args):
+        return subprocess.Popen([sys.executable, "-m", "metarl_jax.cli", "train", "--quiet",
+                                 *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+
+    out = tmp_path / "sweep"
+    tiny = [arg for key, value in TINY.items()
+            for arg in ("--set", f"{key}={json.dumps(value)}")]
+    process = cli("--seeds", "0,1", "--iterations", "100000", "--out", str(out),
+                  "--set", "checkpoint_every=1000", *tiny)
+    deadline = time.monotonic() + 300
+    while len(run_dir.read_metrics(str(out / "seed1"))) < 2:
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.1)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == EXIT_PREEMPTED, stderr
+    last = run_dir.read_metrics(str(out / "seed0"))[-1]["iteration"]
+    for member in ("seed0", "seed1"):
+        assert [r["iteration"] for r in run_dir.read_metrics(str(out / member))] == list(
+            range(1, last + 1))
+        assert Checkpointer(str(out / member / "checkpoints")).all_iterations() == [last]
+    resumed = cli("--resume", str(out), "--iterations", str(last + 1))
+    _, stderr = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, stderr
+    for member in ("seed0", "seed1"):
+        assert [r["iteration"] for r in run_dir.read_metrics(str(out / member))] == list(
+            range(1, last + 2))
