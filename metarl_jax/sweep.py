@@ -36,7 +36,6 @@ import numpy as np
 import yaml
 
 from metarl_jax import distributed, loggers, programs, run_dir, watchdog
-from metarl_jax.algorithms import ALGORITHMS
 from metarl_jax.checkpoints import Checkpointer
 from metarl_jax.config import ConfigError, merge
 from metarl_jax.run_config import RunConfig, build, resolve_config
@@ -303,7 +302,7 @@ def train_sweep(members: list[Member], out_dir: str, force: bool = False,
         sharding = distributed.task_sharding(run.devices)
         distributed.check_divisible(members[0].config.algorithm.meta_batch_size, sharding)
         compiled = SweepPrograms(members, sharding)
-        programs.check_memory(members[0].config.algorithm, compiled.env, sharding)
+        # The members' phases are in memory together: M·S tasks' worth.
         memory_config = dataclasses.replace(
             members[0].config.algorithm,
             meta_batch_size=members[0].config.algorithm.meta_batch_size * count)
@@ -420,10 +419,9 @@ def train_sweep(members: list[Member], out_dir: str, force: bool = False,
 
 
 def _restore_members(members, dirs, checkpointers, states, algorithms):
-    """Every member from its newest intact checkpoint, all at one iteration (the
-    sweep advances in lockstep); a member that diverged before (its records end before
-    its checkpoint's iteration... or its checkpoint is older than the others') stays
-    frozen."""
+    """Every member from its newest intact checkpoint. The sweep advances in lockstep
+    from the newest iteration among them; a member whose checkpoint is older (it
+    diverged and was frozen there) stays frozen."""
     found = []
     for checkpointer, state, path in zip(checkpointers, states, dirs):
         try:

@@ -3,7 +3,6 @@ corrupt checkpoint, and a batch too large for the machine. Each test injects the
 and checks what the user is told and that nothing already written is lost."""
 
 import json
-import os
 import pathlib
 import signal
 import subprocess
