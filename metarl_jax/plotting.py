@@ -26,7 +26,7 @@ def _group_runs(run_dirs):
         config = load_run_config(run_dir).to_dict()
         config.pop("seed")
         for key in ("iterations", "checkpoint_every", "keep_checkpoints", "logger",
-                    "debug_nan_at_iteration"):
+                    "debug_nan_at_iteration", "sweep_batch"):
             config.pop(key, None)
         groups[repr(sorted((k, repr(v)) for k, v in config.items()))].append(run_dir)
     return list(groups.values())
@@ -52,7 +52,7 @@ def _label(run_dirs, all_groups):
     if len(same_name) > 1:  # same algo and env twice: name the settings that differ
         settings = [_flat(load_run_config(g[0]).to_dict()) for g in same_name]
         own = _flat(load_run_config(run_dirs[0]).to_dict())
-        differing = sorted(k for k in own if k not in ("seed",) and
+        differing = sorted(k for k in own if k not in ("seed", "debug_nan_at_iteration") and
                            len({repr(s.get(k)) for s in settings}) > 1)
         label += (f" ({', '.join(f'{k}={own[k]}' for k in differing)})" if differing
                   else f" ({os.path.basename(os.path.normpath(run_dirs[0]))})")

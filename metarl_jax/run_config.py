@@ -29,6 +29,9 @@ class RunSettings:
     # Meta-iterations per compiled call (a `lax.scan`); must divide checkpoint_every.
     iterations_per_call: int = field(1, **at_least(1))
     keep_checkpoints: int = field(3, **at_least(1))
+    # Members of a sweep computed at once (vmapped); None: all on an accelerator, one at
+    # a time on a CPU. The numbers are the same either way.
+    sweep_batch: int | None = field(None, **at_least(1))
     # Where the scalars go besides metrics.jsonl (`metarl_jax.loggers`).
     logger: str = field("tensorboard", **one_of("tensorboard", "wandb", "none"))
     # Test-only fault injection: θ is replaced by NaN before this iteration.

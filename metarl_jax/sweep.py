@@ -154,6 +154,18 @@ def expand(raw: dict, seeds: list[int] | None, grid: dict[str, list]) -> list[Me
 
 # --- the program ------------------------------------------------------------------------
 
+def members_per_batch(sweep_batch: int | None, count: int, sharding) -> int:
+    """How many members one step of the program computes at once: `sweep_batch` when
+    set, else every member on an accelerator (they fill it together) and one at a time
+    on a CPU, where a run already keeps the cores busy and a vmapped member axis turns
+    the policy's matrix products into batched ones that XLA's CPU backend runs slowly
+    (benchmarks/sweep.py)."""
+    if sweep_batch is not None:
+        return min(sweep_batch, count)
+    platform = np.asarray(sharding.mesh.devices).reshape(-1)[0].platform
+    return 1 if platform == "cpu" else count
+
+
 class SweepPrograms:
     """The vmapped meta-iteration of a sweep, compiled once per call length.
 
@@ -174,6 +186,8 @@ class SweepPrograms:
                                       jnp.float32) for k in self.keys}
         self.nan_at = jnp.asarray([m.config.run.debug_nan_at_iteration or 0 for m in members],
                                   jnp.int32)
+        self.members_per_batch = members_per_batch(base.run.sweep_batch, len(members),
+                                                   sharding)
         self._compiled = {}
 
     def member_iteration(self, state, hyper, nan_at):
@@ -186,8 +200,12 @@ class SweepPrograms:
         return programs.with_finiteness_check(algorithm.meta_iteration)(state)
 
     def iteration(self, states, active):
-        new_states, metrics = jax.vmap(self.member_iteration)(states, self.hypers,
-                                                              self.nan_at)
+        members = (states, self.hypers, self.nan_at)
+        if self.members_per_batch >= len(self.nan_at):
+            new_states, metrics = jax.vmap(self.member_iteration)(*members)
+        else:  # batches of members one after another, each batch vmapped
+            new_states, metrics = jax.lax.map(lambda m: self.member_iteration(*m), members,
+                                              batch_size=self.members_per_batch)
 
         def keep(new, old):
             return jnp.where(active.reshape((-1,) + (1,) * (new.ndim - 1)), new, old)

@@ -102,7 +102,9 @@ def test_each_member_equals_its_separate_run_and_resume_equals_uninterrupted(tmp
 
 
 def test_a_diverging_member_stops_alone(tmp_path, capsys):
-    raw = {**TINY, "iterations": 3, "checkpoint_every": 1}
+    """Both members in one vmapped batch (`sweep_batch: 2`; on a CPU the default runs
+    them one after another), so the frozen member's mask is what keeps it still."""
+    raw = {**TINY, "iterations": 3, "checkpoint_every": 1, "sweep_batch": 2}
     members = sweep.expand(raw, [0], {"debug_nan_at_iteration": [None, 2]})
     out = tmp_path / "sweep"
     lines = []
@@ -115,7 +117,7 @@ def test_a_diverging_member_stops_alone(tmp_path, capsys):
                      "go on"]
     assert Checkpointer(str(out / diverged.name / "checkpoints")).all_iterations() == [1]
     assert Checkpointer(str(out / healthy.name / "checkpoints")).all_iterations() == [1, 2, 3]
-    alone = trainer.train(run_config.resolve_config({**raw, "seed": 0}),
+    alone = trainer.train(run_config.resolve_config({**raw, "seed": 0, "sweep_batch": None}),
                           progress=False).history
     close(results[0].history, alone)
 
@@ -156,3 +158,22 @@ def test_sigterm_checkpoints_every_member_and_resume_continues_them(tmp_path):
     for member in ("seed0", "seed1"):
         assert [r["iteration"] for r in run_dir.read_metrics(str(out / member))] == list(
             range(1, last + 2))
+
+
+def test_members_are_computed_one_at_a_time_on_a_cpu_and_together_on_accelerators():
+    class Device:
+        def __init__(self, platform):
+            self.platform = platform
+
+    class Mesh:
+        def __init__(self, platform):
+            self.devices = [Device(platform)]
+
+    class Sharding:
+        def __init__(self, platform):
+            self.mesh = Mesh(platform)
+
+    assert sweep.members_per_batch(None, 6, Sharding("cpu")) == 1
+    assert sweep.members_per_batch(None, 6, Sharding("gpu")) == 6
+    assert sweep.members_per_batch(4, 6, Sharding("cpu")) == 4
+    assert sweep.members_per_batch(8, 6, Sharding("tpu")) == 6
