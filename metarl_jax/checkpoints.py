@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import sys
 
 import jax
@@ -50,9 +51,9 @@ class Checkpointer:
 
     def __init__(self, directory: str, max_to_keep: int = 3):
         self.directory = os.path.abspath(directory)
-        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                               enable_async_checkpointing=False)
-        self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self._options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                                     enable_async_checkpointing=False)
+        self.manager = ocp.CheckpointManager(self.directory, options=self._options)
 
     def save(self, iteration: int, state, host_info: dict) -> None:
         host_info = {**host_info, DIGEST_KEY: state_digest(state)}
@@ -103,16 +104,33 @@ class Checkpointer:
                 problem = (f"cannot be restored ({type(error).__name__}: "
                            f"{str(error).splitlines()[0][:160] if str(error) else ''})")
             else:
+                self._set_aside(skipped)
                 return iteration, state, host
             skipped.append(iteration)
             print(f"warning: checkpoint {iteration} in {self.directory} {problem}; "
-                  "skipping it", file=sys.stderr)
+                  f"skipping it (moved to {self.directory}.corrupt/{iteration})",
+                  file=sys.stderr)
         if skipped:
             raise NoIntactCheckpoint(
                 f"no intact checkpoint in {self.directory}: "
                 f"{', '.join(map(str, skipped))} cannot be restored (see the warnings); "
                 "the run cannot be resumed (start it again without --resume, with --force)")
         return None
+
+    def _set_aside(self, iterations: list[int]) -> None:
+        """Moves corrupt checkpoints out of the way (kept, for inspection), so that the
+        resumed run writes its own at those iterations again."""
+        if not iterations:
+            return
+        aside = self.directory + ".corrupt"
+        os.makedirs(aside, exist_ok=True)
+        for iteration in iterations:
+            target = os.path.join(aside, str(iteration))
+            if os.path.exists(target):
+                shutil.rmtree(target)
+            os.replace(os.path.join(self.directory, str(iteration)), target)
+        self.manager.close()
+        self.manager = ocp.CheckpointManager(self.directory, options=self._options)
 
     def close(self) -> None:
         self.manager.close()

@@ -82,7 +82,8 @@ def train(algo, env_name, config_path, overrides, iterations, seed, seeds_text, 
             conflicting = [flag for flag, value in (
                 ("--algo", algo), ("--env", env_name), ("--config", config_path),
                 ("--set", overrides), ("--seed", seed), ("--seeds", seeds_text),
-                ("--sweep", sweep_items), ("--out", out_dir), ("--force", force)) if value]
+                ("--sweep", sweep_items), ("--devices", devices), ("--out", out_dir),
+                ("--force", force)) if value]
             if conflicting:
                 raise ConfigError(f"config: {conflicting[0]}: not allowed with --resume, which "
                                   "takes the configuration saved in the run "
@@ -126,8 +127,8 @@ def train(algo, env_name, config_path, overrides, iterations, seed, seeds_text, 
             import jax
 
             if jax.process_index() == 0:  # refused here; cleared once it is locked
-                for path in ([os.path.join(out_dir, m.name) for m in members] if members
-                             else [out_dir]):
+                for path in [out_dir] + [os.path.join(out_dir, m.name)
+                                         for m in members or []]:
                     run_dir.check_new_output_dir(path, force)
     except ConfigError as error:
         click.echo(f"error: {error}", err=True)
@@ -154,20 +155,28 @@ def train(algo, env_name, config_path, overrides, iterations, seed, seeds_text, 
     except trainer.Stopped as error:
         click.echo(f"{error}; continue with `metarl train --resume {out_dir}`", err=True)
         sys.exit(EXIT_PREEMPTED if isinstance(error, trainer.Preempted) else EXIT_INTERRUPTED)
+    except KeyboardInterrupt:  # a second Ctrl-C before the first iteration completed
+        click.echo(f"interrupted before an iteration completed; nothing new to keep in "
+                   f"{out_dir}", err=True)
+        sys.exit(EXIT_INTERRUPTED)
     if members is not None:
         if not history:
             click.echo(f"nothing to do: {out_dir} already ran {config.run.iterations} "
                        "iterations")
             return
+        diverged = sweep.read_index(out_dir).get("diverged", {})
         for member, result in zip(members, results):
-            if result.history:
+            if member.name in diverged:
+                click.echo(f"{member.name}: diverged at iteration {diverged[member.name]}, "
+                           f"stopped (its last good iteration is checkpointed)")
+            elif result.history:
                 last = result.history[-1]
                 click.echo(f"{member.name}: {last['iteration']} iterations, pre_return "
                            f"{last['pre_return']:.3f}, post_return {last['post_return']:.3f}")
-            else:
-                click.echo(f"{member.name}: stopped (diverged)")
-        click.echo(f"done: {len(members)} runs in {out_dir} (index: {out_dir}/"
-                   f"{sweep.SWEEP_INDEX})")
+        click.echo(f"done: {len(members) - len(diverged)} of {len(members)} runs finished in "
+                   f"{out_dir} (index: {out_dir}/{sweep.SWEEP_INDEX})")
+        if diverged:
+            sys.exit(EXIT_DIVERGED)
         return
     if not history:
         click.echo(f"nothing to do: {out_dir} already ran {config.run.iterations} iterations")

@@ -86,6 +86,15 @@ def check_divisible(meta_batch_size: int, sharding: NamedSharding) -> None:
                           f"evenly over {devices} devices; use a multiple of {devices}")
 
 
+def any_process(flag: bool) -> bool:
+    """Whether `flag` is true in any process (just `flag` in a single process)."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.asarray([flag], np.int32))))
+
+
 def barrier(name: str) -> None:
     """Waits for every process (a no-op in a single process)."""
     if jax.process_count() > 1:

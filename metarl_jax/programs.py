@@ -157,7 +157,9 @@ def check_memory(config, env, sharding) -> None:
     meta-iteration's sampling (`phase_bytes`, split over the task devices) exceeds what
     the device has."""
     devices = np.asarray(sharding.mesh.devices).reshape(-1)
-    per_device = phase_bytes(config, env) / len(devices)
+    # A split CPU's devices share the host's memory; accelerators have their own.
+    shares = 1 if devices[0].platform == "cpu" else len(devices)
+    per_device = phase_bytes(config, env) / shares
     available = available_bytes(devices[0])
     if available is None or per_device <= available:
         return

@@ -36,8 +36,10 @@ CHECKPOINT_DIR = "checkpoints"
 TENSORBOARD_DIR = loggers.TENSORBOARD_DIR
 EVAL_FILE = "eval.json"
 LOCK_FILE = ".lock"
-RUN_FILES = (CONFIG_FILE, METRICS_FILE, CHECKPOINT_DIR, TENSORBOARD_DIR, loggers.WANDB_DIR,
-             loggers.WANDB_ID_FILE, EVAL_FILE)
+SWEEP_INDEX = "sweep.json"  # at the top of a sweep's directory (metarl_jax.sweep)
+RUN_FILES = (CONFIG_FILE, METRICS_FILE, CHECKPOINT_DIR, CHECKPOINT_DIR + ".corrupt",
+             TENSORBOARD_DIR, loggers.WANDB_DIR, loggers.WANDB_ID_FILE, EVAL_FILE,
+             SWEEP_INDEX)
 
 
 class RunDirectoryError(RuntimeError):

@@ -39,9 +39,10 @@ from metarl_jax import distributed, loggers, programs, run_dir, watchdog
 from metarl_jax.checkpoints import Checkpointer
 from metarl_jax.config import ConfigError, merge
 from metarl_jax.run_config import RunConfig, build, resolve_config
-from metarl_jax.trainer import StopSignals, Training, TrainingDiverged, flatten_metrics
+from metarl_jax.trainer import (Interrupted, StopSignals, Training, TrainingDiverged,
+                                flatten_metrics)
 
-SWEEP_INDEX = "sweep.json"
+SWEEP_INDEX = run_dir.SWEEP_INDEX
 # Run settings a sweep may vary per member, beside the algorithm's numbers.
 RUN_KEYS = ("seed", "debug_nan_at_iteration")
 
@@ -135,6 +136,9 @@ def expand(raw: dict, seeds: list[int] | None, grid: dict[str, list]) -> list[Me
             raise ConfigError(
                 f"config: --sweep: {key} changes the program's shapes or structure and "
                 f"cannot be swept; sweepable for {base.run.algo}: {', '.join(allowed)}")
+    for key, values in grid.items():
+        if len(set(map(repr, values))) != len(values):
+            raise ConfigError(f"config: --sweep: {key}: a value is given twice")
     if "seed" in grid and seeds is not None:
         raise ConfigError("config: --sweep: seed: give the seeds with --seeds")
     seeds = grid.pop("seed", None) or seeds or [base.run.seed]
@@ -218,7 +222,8 @@ class SweepPrograms:
         try:
             with distributed.use_task_sharding(self.sharding):
                 jax.eval_shape(self.iteration, states, active)
-        except jax.errors.ConcretizationTypeError:
+        except (jax.errors.ConcretizationTypeError, jax.errors.TracerBoolConversionError,
+                jax.errors.TracerIntegerConversionError):
             raise ConfigError(
                 f"config: --sweep: {', '.join(self.keys)}: {self.run.algo} decides its "
                 "program on one of these values, so they cannot be swept; run them as "
@@ -254,9 +259,13 @@ def _member(states, index: int):
 
 # --- the host loop ----------------------------------------------------------------------
 
-def write_index(out_dir: str, members: list[Member], grid_keys: list[str]) -> None:
+def write_index(out_dir: str, members: list[Member], grid_keys: list[str],
+                diverged: dict | None = None) -> None:
+    """OUT/sweep.json: the swept keys, every member's name and setting, and the
+    members that diverged (name: iteration)."""
     index = {"swept": grid_keys,
-             "members": [{"name": m.name, "setting": m.setting} for m in members]}
+             "members": [{"name": m.name, "setting": m.setting} for m in members],
+             "diverged": diverged or {}}
     path = os.path.join(out_dir, SWEEP_INDEX)
     with open(path + ".tmp", "w") as f:
         json.dump(index, f, indent=2)
@@ -291,22 +300,26 @@ def train_sweep(members: list[Member], out_dir: str, force: bool = False,
                 resume: bool = False, progress: bool = True,
                 log=print) -> list[Training]:
     """Trains every member in one compiled program; returns each member's records of
-    this call and final state. Members that diverge stop alone (reported through `log`,
-    their last good iteration checkpointed). Raises Preempted / Interrupted as `train`
-    does, after checkpointing every member."""
+    this call and final state (a diverged member's: the last good one). Members that
+    diverge stop alone: reported through `log`, their last good iteration checkpointed,
+    and named in the index so that a resume leaves them stopped. Raises Preempted /
+    Interrupted as `train` does, after checkpointing every member, and TrainingDiverged
+    when every member diverged."""
     if jax.process_count() > 1:
         raise ConfigError("config: --seeds/--sweep: sweeps run in a single process")
     run = members[0].config.run
     count = len(members)
     loggers.check_available(run.logger)
     with contextlib.ExitStack() as stack:
+        signals = stack.enter_context(StopSignals())
         os.makedirs(out_dir, exist_ok=True)
         stack.enter_context(run_dir.RunLock(out_dir))
         dirs = [os.path.join(out_dir, m.name) for m in members]
-        checkpointers = []
-        for member, path in zip(members, dirs):
+        for path in dirs:  # every lock first: a refusal leaves every directory as it was
             os.makedirs(path, exist_ok=True)
             stack.enter_context(run_dir.RunLock(path))
+        checkpointers = []
+        for member, path in zip(members, dirs):
             if not resume:
                 run_dir.prepare_output_dir(path, force)
                 run_dir.write_config(path, member.config.to_dict())
@@ -314,8 +327,10 @@ def train_sweep(members: list[Member], out_dir: str, force: bool = False,
                                         max_to_keep=run.keep_checkpoints)
             stack.callback(checkpointer.close)
             checkpointers.append(checkpointer)
+        diverged_at = read_index(out_dir).get("diverged", {}) if resume else {}
+        swept = [k for k in members[0].setting if k != "seed"]
         if not resume:
-            write_index(out_dir, members, [k for k in members[0].setting if k != "seed"])
+            write_index(out_dir, members, swept)
 
         sharding = distributed.task_sharding(run.devices)
         distributed.check_divisible(members[0].config.algorithm.meta_batch_size, sharding)
@@ -330,14 +345,14 @@ def train_sweep(members: list[Member], out_dir: str, force: bool = False,
         algorithms = [build(m.config)[2] for m in members]
         states = [a.init(jax.random.PRNGKey(m.config.run.seed))
                   for a, m in zip(algorithms, members)]
-        active = np.ones(count, bool)
+        active = np.array([m.name not in diverged_at for m in members])
         # Traced (not compiled) on the initial states, before any expert is trained.
         compiled.check_traceable(_stack(states), jnp.asarray(active))
         first_iteration, env_steps, elapsed_before = 1, [0] * count, [0.0] * count
         if resume:
-            states, first_iteration, env_steps, elapsed_before, active = _restore_members(
-                members, dirs, checkpointers, states, algorithms)
-        else:
+            states, first_iteration, env_steps, elapsed_before = _restore_members(
+                members, dirs, checkpointers, states, algorithms, active)
+        if first_iteration == 1:
             states = [a.prepare(s, m.config.run.seed)
                       for a, s, m in zip(algorithms, states, members)]
         stacked = jax.device_put(_stack(states), compiled.replicated)
@@ -368,89 +383,121 @@ def train_sweep(members: list[Member], out_dir: str, force: bool = False,
             checkpointer = checkpointers[index]
             if iteration > 0 and (checkpointer.latest_iteration() or 0) < iteration:
                 steps = env_steps[index] + (iteration - first_iteration + 1) * per_step
-                checkpointer.save(iteration, state, {
-                    "env_steps": steps, "time_s": elapsed,
-                    "algorithm": algorithms[index].host_state()})
+                with signals.saving():
+                    checkpointer.save(iteration, state, {
+                        "env_steps": steps, "time_s": elapsed,
+                        "algorithm": algorithms[index].host_state()})
 
-        signals = stack.enter_context(StopSignals())
-        dog = watchdog.Watchdog()
-        for call_start, length in compiled.calls(first_iteration):
-            if not active.any():
-                break
-            tick = time.perf_counter()
-            call_input = stacked
-            with dog.watch(f"sweep call (iterations {call_start}-{call_start + length - 1})"):
-                stacked, device_metrics = compiled.program(length, stacked, active_mask)(
-                    stacked, active_mask)
-                host_metrics = jax.device_get(device_metrics)
-            per_iteration_s = (time.perf_counter() - tick) / length
-            diverged_now = []
+        def save_active(iteration, states):
             for index in np.flatnonzero(active):
-                for offset in range(length):
-                    member_metrics = jax.tree.map(
-                        lambda x, i=index, o=offset: x[o, i] if length > 1 else x[i],
-                        host_metrics)
-                    metrics = flatten_metrics(member_metrics)
-                    quantity = programs.first_nonfinite(metrics)
-                    iteration = call_start + offset
-                    if quantity is not None:
-                        good = call_input
-                        for _ in range(offset):
-                            good = compiled.program(1, good, active_mask)(good, active_mask)[0]
-                        save(index, iteration - 1, _member(good, index),
-                             elapsed_before[index] + tick + offset * per_iteration_s - start)
-                        name = "parameters" if quantity == "nonfinite_params" else quantity
-                        diverged_now.append(index)
-                        log(f"warning: member {members[index].name} diverged at iteration "
-                            f"{iteration}: {name} non-finite ({metrics[quantity]}); its last "
-                            f"good checkpoint is iteration {iteration - 1}; the others go on")
-                        break
-                    del metrics["nonfinite_params"]
-                    record = {
-                        "iteration": iteration,
-                        "env_steps": env_steps[index] + (iteration - first_iteration + 1)
-                        * per_step,
-                        "time_s": elapsed_before[index] + tick + (offset + 1)
-                        * per_iteration_s - start,
-                        "iteration_s": per_iteration_s, "devices": sharding.mesh.size,
-                        **algorithms[index].host_state(), **metrics}
-                    histories[index].append(record)
-                    logs[index].write(record)
-            last_done = call_start + length - 1
-            for index in diverged_now:
-                active[index] = False
-            active_mask = jax.device_put(jnp.asarray(active), compiled.replicated)
-            if last_done % run.checkpoint_every == 0 or last_done == run.iterations \
-                    or signals.received is not None:
-                for index in np.flatnonzero(active):
-                    save(index, last_done, _member(stacked, index),
+                if histories[index]:
+                    save(index, iteration, _member(states, index),
                          histories[index][-1]["time_s"])
-            if bar is not None:
-                bar.set_postfix(active=f"{int(active.sum())}/{count}")
-                bar.update(length)
+
+        dog = watchdog.Watchdog()
+        last_done = first_iteration - 1
+        completed = None  # (iteration, stacked states) after the last logged call
+        if signals.stop_requested():
             signals.check(last_done, out_dir)
-    if not active.all():
-        diverged = [members[i].name for i in np.flatnonzero(~active)]
-        if not active.any():
-            raise TrainingDiverged(f"every member of the sweep diverged: {', '.join(diverged)}")
+        try:
+            for call_start, length in compiled.calls(first_iteration):
+                if not active.any():
+                    break
+                tick = time.perf_counter()
+                call_input = stacked
+                with dog.watch(f"sweep call (iterations {call_start}-"
+                               f"{call_start + length - 1})"):
+                    stacked, device_metrics = compiled.program(length, stacked, active_mask)(
+                        stacked, active_mask)
+                    host_metrics = jax.device_get(device_metrics)
+                per_iteration_s = (time.perf_counter() - tick) / length
+                diverged_now = []
+                for index in np.flatnonzero(active):
+                    for offset in range(length):
+                        metrics = flatten_metrics(jax.tree.map(
+                            lambda x, i=index, o=offset: x[o, i] if length > 1 else x[i],
+                            host_metrics))
+                        quantity = programs.first_nonfinite(metrics)
+                        iteration = call_start + offset
+                        if quantity is not None:
+                            good = call_input
+                            for _ in range(offset):
+                                good = compiled.program(1, good, active_mask)(
+                                    good, active_mask)[0]
+                            save(index, iteration - 1, _member(good, index),
+                                 elapsed_before[index] + tick + offset * per_iteration_s
+                                 - start)
+                            diverged_now.append((index, iteration, good))
+                            name = "parameters" if quantity == "nonfinite_params" else quantity
+                            log(f"warning: member {members[index].name} diverged at "
+                                f"iteration {iteration}: {name} non-finite "
+                                f"({metrics[quantity]}); its last good checkpoint is "
+                                f"iteration {iteration - 1}; the others go on")
+                            break
+                        del metrics["nonfinite_params"]
+                        record = {
+                            "iteration": iteration,
+                            "env_steps": env_steps[index] + (iteration - first_iteration + 1)
+                            * per_step,
+                            "time_s": elapsed_before[index] + tick + (offset + 1)
+                            * per_iteration_s - start,
+                            "iteration_s": per_iteration_s, "devices": sharding.mesh.size,
+                            **algorithms[index].host_state(), **metrics}
+                        histories[index].append(record)
+                        logs[index].write(record)
+                for index, iteration, good in diverged_now:
+                    active[index] = False
+                    diverged_at[members[index].name] = iteration
+                    # Its slot holds the last good state from here on, not NaN.
+                    stacked = jax.tree.map(lambda s, g, i=index: s.at[i].set(g[i]),
+                                           stacked, good)
+                if diverged_now:
+                    write_index(out_dir, members, swept, diverged_at)
+                    active_mask = jax.device_put(jnp.asarray(active), compiled.replicated)
+                last_done = call_start + length - 1
+                completed = (last_done, stacked)
+                stop = signals.stop_requested()
+                if last_done % run.checkpoint_every == 0 or last_done == run.iterations \
+                        or stop:
+                    save_active(last_done, stacked)
+                if bar is not None:
+                    bar.set_postfix(active=f"{int(active.sum())}/{count}")
+                    bar.update(length)
+                if stop:
+                    signals.check(last_done, out_dir)
+        except KeyboardInterrupt:  # a second Ctrl-C: keep what the last call computed
+            if completed is not None:
+                save_active(*completed)
+            raise Interrupted(f"interrupted after iteration {last_done}") from None
+    if not active.any():
+        raise TrainingDiverged("every member of the sweep diverged: "
+                               + ", ".join(f"{name} at iteration {it}"
+                                           for name, it in diverged_at.items()))
     return [Training(history=h, state=_member(stacked, i)) for i, h in enumerate(histories)]
 
 
-def _restore_members(members, dirs, checkpointers, states, algorithms):
-    """Every member from its newest intact checkpoint. The sweep advances in lockstep
-    from the newest iteration among them; a member whose checkpoint is older (it
-    diverged and was frozen there) stays frozen."""
+def _restore_members(members, dirs, checkpointers, states, algorithms, active):
+    """Every member from its checkpoint: the running ones all at one iteration (the
+    sweep advances in lockstep), the diverged ones at their last good one. Returns
+    (states, first iteration, env_steps, elapsed seconds)."""
     found = []
     for checkpointer, state, path in zip(checkpointers, states, dirs):
         try:
             found.append(checkpointer.restore_latest_intact(state))
         except Exception as error:
             raise run_dir.RunDirectoryError(f"{path}: {error}") from None
-    iterations = [f[0] if f else 0 for f in found]
-    resume_at = max(iterations)
-    active = np.array([i == resume_at for i in iterations])
+    running = {members[i].name: (found[i][0] if found[i] else 0)
+               for i in np.flatnonzero(active)}
+    if len(set(running.values())) > 1:
+        behind = min(running.values())
+        raise run_dir.RunDirectoryError(
+            "the sweep's members are at different iterations ("
+            + ", ".join(f"{name}: {it}" for name, it in running.items())
+            + f"); resume the ones at {behind} on their own (metarl train --resume "
+            "OUT/MEMBER --iterations N) up to the others, then resume the sweep")
+    resume_at = next(iter(running.values()), 0)
     restored, env_steps, elapsed = [], [], []
-    for index, (f, state, algorithm) in enumerate(zip(found, states, algorithms)):
+    for f, state, algorithm in zip(found, states, algorithms):
         if f is None:
             restored.append(state)
             env_steps.append(0)
@@ -459,10 +506,9 @@ def _restore_members(members, dirs, checkpointers, states, algorithms):
         _, member_state, host = f
         algorithm.load_host_state(host.get("algorithm", {}))
         restored.append(member_state)
-        env_steps.append(int(host["env_steps"]) if active[index] else 0)
+        env_steps.append(int(host["env_steps"]))
         elapsed.append(float(host["time_s"]))
     frozen = [members[i].name for i in np.flatnonzero(~active)]
     if frozen:
-        print(f"note: {', '.join(frozen)} stopped before iteration {resume_at} and stay "
-              "stopped", file=sys.stderr)
-    return restored, resume_at + 1, env_steps, elapsed, active
+        print(f"note: {', '.join(frozen)} diverged before and stay stopped", file=sys.stderr)
+    return restored, resume_at + 1, env_steps, elapsed

@@ -23,6 +23,7 @@ import numpy as np
 
 from metarl_jax import distributed, loggers, programs, run_dir, watchdog
 from metarl_jax.checkpoints import Checkpointer, NoIntactCheckpoint
+from metarl_jax.config import ConfigError
 from metarl_jax.run_config import RunConfig, build
 
 
@@ -67,14 +68,20 @@ def flatten_metrics(metrics: dict) -> dict:
 class StopSignals:
     """While active, SIGTERM and SIGINT only raise a flag, which the host loop reads
     after each compiled call: the call in flight finishes, its iterations are logged
-    and checkpointed, and the run stops. A second Ctrl-C interrupts at once."""
+    and checkpointed, and the run stops. A second Ctrl-C interrupts at once, except
+    while a checkpoint is being written (`saving`), which it lets finish first."""
 
     def __init__(self):
         self.received: int | None = None
         self._previous = {}
+        self._saving = False
+        self._interrupt_after_save = False
 
     def _handle(self, signum, frame):
         if self.received == signal.SIGINT and signum == signal.SIGINT:
+            if self._saving:
+                self._interrupt_after_save = True
+                return
             raise KeyboardInterrupt
         self.received = signum
 
@@ -87,6 +94,31 @@ class StopSignals:
     def __exit__(self, *exc):
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
+
+    @contextlib.contextmanager
+    def saving(self):
+        self._saving = True
+        try:
+            yield
+        finally:
+            self._saving = False
+        if self._interrupt_after_save:
+            raise KeyboardInterrupt
+
+    def stop_requested(self) -> bool:
+        """Whether to stop after this call; under several processes, whether any of
+        them received a signal (all stop together, or their collectives would hang)."""
+        stop = self.received is not None
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            flags = multihost_utils.process_allgather(np.asarray(
+                [self.received or 0], np.int32))
+            received = [int(f) for f in np.ravel(flags) if f]
+            if received and self.received is None:
+                self.received = received[0]
+            stop = bool(received)
+        return stop
 
     def check(self, iteration: int, checkpoint_dir: str | None) -> None:
         if self.received is None:
@@ -102,12 +134,19 @@ def _open_run_directory(config: RunConfig, out_dir: str, force: bool, resume: bo
                         primary: bool, stack: contextlib.ExitStack):
     """Locks `out_dir` (process 0) and, for a new run, clears it and writes
     config.yaml; returns its Checkpointer."""
+    refusal = None
     if primary:
-        os.makedirs(out_dir, exist_ok=True)
-        stack.enter_context(run_dir.RunLock(out_dir))
-        if not resume:
-            run_dir.prepare_output_dir(out_dir, force)
-            run_dir.write_config(out_dir, config.to_dict())
+        try:
+            os.makedirs(out_dir, exist_ok=True)
+            stack.enter_context(run_dir.RunLock(out_dir))
+            if not resume:
+                run_dir.prepare_output_dir(out_dir, force)
+                run_dir.write_config(out_dir, config.to_dict())
+        except (ConfigError, run_dir.RunDirectoryError) as error:
+            refusal = error
+    if distributed.any_process(refusal is not None):  # the others must not wait for it
+        raise refusal or run_dir.RunDirectoryError(
+            f"process 0 could not prepare the run directory {out_dir} (its error says why)")
     distributed.barrier("run directory prepared")
     checkpointer = Checkpointer(os.path.join(out_dir, run_dir.CHECKPOINT_DIR),
                                 max_to_keep=config.run.keep_checkpoints)
@@ -167,6 +206,8 @@ def train(config: RunConfig, out_dir: str | None = None, force: bool = False,
     if out_dir is not None and primary:
         loggers.check_available(run.logger)
     with contextlib.ExitStack() as stack:
+        # From here on SIGTERM and Ctrl-C wait for a point where the run can stop whole.
+        signals = stack.enter_context(StopSignals())
         checkpointer = (_open_run_directory(config, out_dir, force, resume, primary, stack)
                         if out_dir is not None else None)
         env, _, algorithm = build(config)
@@ -204,18 +245,22 @@ def train(config: RunConfig, out_dir: str | None = None, force: bool = False,
         def save(iteration, saved_state, elapsed):
             if checkpointer is not None and iteration > 0 and (
                     checkpointer.latest_iteration() or 0) < iteration:
-                checkpointer.save(iteration, saved_state,
-                                  {"env_steps": iteration_env_steps(iteration),
-                                   "time_s": elapsed, "algorithm": algorithm.host_state()})
+                with signals.saving():
+                    checkpointer.save(iteration, saved_state,
+                                      {"env_steps": iteration_env_steps(iteration),
+                                       "time_s": elapsed, "algorithm": algorithm.host_state()})
 
         def iteration_env_steps(iteration):
             return env_steps + (iteration - first_iteration + 1) * \
                 algorithm.env_steps_per_iteration
 
         history = []
-        signals = stack.enter_context(StopSignals())
         dog = watchdog.Watchdog()  # says so on stderr if a compiled call never returns
         completed = None  # (iteration, state, time_s) of the last logged call
+        last_done = first_iteration - 1
+        checkpoint_dir = checkpointer.directory if checkpointer else None
+        if signals.stop_requested():  # while preparing or compiling: nothing new to keep
+            signals.check(last_done, checkpoint_dir)
         try:
             for call_start, length in compiled.calls(first_iteration):
                 tick = time.perf_counter()
@@ -248,8 +293,9 @@ def train(config: RunConfig, out_dir: str | None = None, force: bool = False,
                         log.write(record)
                 last_done = call_start + length - 1
                 completed = (last_done, state, history[-1]["time_s"])
+                stop = signals.stop_requested()
                 if last_done % run.checkpoint_every == 0 or last_done == run.iterations \
-                        or signals.received is not None:
+                        or stop:
                     save(last_done, state, history[-1]["time_s"])
                 if on_iteration:
                     for record in history[-length:]:
@@ -260,10 +306,12 @@ def train(config: RunConfig, out_dir: str | None = None, force: bool = False,
                                     post=f"{record['post_return']:.2f}",
                                     steps_s=f"{steps_per_s:.3g}")
                     bar.update(length)
-                signals.check(last_done, checkpointer.directory if checkpointer else None)
+                if stop:
+                    signals.check(last_done, checkpoint_dir)
         except KeyboardInterrupt:
-            # Raised by a second Ctrl-C, or where no handler could be installed (a
-            # thread): keep the state after the last logged call.
+            # A second Ctrl-C, or any Ctrl-C where no handler could be installed (a
+            # program driven from a thread other than the main one): keep the state
+            # after the last logged call.
             if completed is not None:
                 save(*completed)
             raise Interrupted(f"interrupted after iteration {last_done}") from None

@@ -139,7 +139,7 @@ def test_sigterm_checkpoints_every_member_and_resume_continues_them(tmp_path):
     tiny = [arg for key, value in TINY.items()
             for arg in ("--set", f"{key}={json.dumps(value)}")]
     process = cli("--seeds", "0,1", "--iterations", "100000", "--out", str(out),
-                  "--set", "checkpoint_every=1000", *tiny)
+                  "--set", "checkpoint_every=100000", *tiny)
     deadline = time.monotonic() + 300
     while len(run_dir.read_metrics(str(out / "seed1"))) < 2:
         assert process.poll() is None and time.monotonic() < deadline, process.communicate()
