@@ -123,8 +123,9 @@ TWO_DEVICES = textwrap.dedent("""
     assert len(jax.devices()) == 2, jax.devices()
     config = run_config.resolve_config({**json.loads(sys.argv[1]), "iterations": 1})
     _, _, algorithm = run_config.build(config)
-    state = algorithm.prepare(algorithm.init(jax.random.PRNGKey(config.run.seed)),
-                              config.run.seed)
+    # Not prepared: GMPS's PPO experts would cost more than the check itself, and its
+    # program is the same with the buffers empty.
+    state = algorithm.init(jax.random.PRNGKey(config.run.seed))
     results = {}
     for devices in (1, 2):
         sharding = distributed.task_sharding(devices)

@@ -64,6 +64,10 @@ def test_short_point_nav_run_improves_post_return(tmp_path):
 @pytest.mark.parametrize("env_name", ["ant-dir"])
 def test_one_iteration_of_a_brax_task(tmp_path, env_name):
     # Every other task runs one ProMP iteration in test_task_suite.py, without the CLI.
+    from metarl_jax.envs import ENVIRONMENTS, describe, make_env
+
+    declared = ENVIRONMENTS[env_name]  # its `metarl envs` row is the built env's
+    assert describe(declared) == {**make_env(env_name).describe(), "horizon": declared.horizon}
     out = tmp_path / env_name
     result = run_cli("train", "--env", env_name, "--iterations", "1", "--out", str(out),
                      "--quiet", "--set", "meta_batch_size=2", "--set", "episodes_per_task=2",

@@ -47,6 +47,7 @@ def assert_close(a, b, keys, rel):
         assert b[key] == pytest.approx(a[key], rel=rel, abs=1e-4), (key, a[key], b[key])
 
 
+@pytest.mark.slow  # every algorithm's two-device run is in tests/test_algorithm_contract.py
 def test_four_devices_match_one_device_maml_trpo():
     """Sums over tasks are reassociated across devices, and TRPO's conjugate gradient
     amplifies those last-bit differences where the Fisher matrix is singular: with the

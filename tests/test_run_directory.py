@@ -154,10 +154,11 @@ def test_no_intact_checkpoint_is_one_line_and_a_non_zero_exit(tmp_path):
     process = cli("train", "--resume", str(out), "--iterations", "3", "--quiet")
     _, stderr = process.communicate(timeout=300)
     assert process.returncode == EXIT_RUN_DIRECTORY
-    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
-    assert errors == [f"error: no intact checkpoint in {out / 'checkpoints'}: 2, 1 cannot "
-                      "be restored (see the warnings); the run cannot be resumed (start it "
-                      "again without --resume, with --force)"]
+    # orbax's own threads may also write to stderr: the one error line is looked for
+    assert stderr.count("error: ") == 1, stderr
+    assert (f"error: no intact checkpoint in {out / 'checkpoints'}: 2, 1 cannot be restored "
+            "(see the warnings); the run cannot be resumed (start it again without "
+            "--resume, with --force)\n") in stderr
     assert len(run_dir.read_metrics(str(out))) == 2  # nothing written was lost
 
 

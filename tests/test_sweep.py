@@ -74,7 +74,7 @@ def test_a_number_the_algorithm_branches_on_is_refused_before_compiling(tmp_path
 
 def test_each_member_equals_its_separate_run_and_resume_equals_uninterrupted(tmp_path):
     raw = {**TINY, "iterations": 4, "checkpoint_every": 2}
-    members = sweep.expand(raw, [0, 1], {"inner_lr": [0.05, 0.2]})
+    members = sweep.expand(raw, [1], {"inner_lr": [0.05, 0.2]})
     out = tmp_path / "sweep"
     results = sweep.train_sweep(members, str(out), progress=False)
     for member, result in zip(members, results):
@@ -88,11 +88,11 @@ def test_each_member_equals_its_separate_run_and_resume_equals_uninterrupted(tmp
 
     # Interrupted after iteration 2 (its checkpoint), then resumed from the index.
     short = tmp_path / "short"
-    sweep.train_sweep(sweep.expand({**raw, "iterations": 2}, [0, 1],
+    sweep.train_sweep(sweep.expand({**raw, "iterations": 2}, [1],
                                    {"inner_lr": [0.05, 0.2]}), str(short), progress=False)
     resumed = sweep.train_sweep(sweep.load_members(str(short), iterations=4), str(short),
                                 resume=True, progress=False)
-    assert [[r["iteration"] for r in r_.history] for r_ in resumed] == [[3, 4]] * 4
+    assert [[r["iteration"] for r in r_.history] for r_ in resumed] == [[3, 4]] * 2
     for member in members:
         assert without_timing(run_dir.read_metrics(str(short / member.name))) == \
             without_timing(run_dir.read_metrics(str(out / member.name)))
@@ -122,6 +122,7 @@ def test_a_diverging_member_stops_alone(tmp_path, capsys):
     close(results[0].history, alone)
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_every_member_and_resume_continues_them(tmp_path):
     import signal
     import subprocess
