@@ -10,7 +10,8 @@ export JAX_COMPILATION_CACHE_DIR ?= $(CURDIR)/.jax_cache
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test]'
+	# PYTHONWARNINGS: setuptools' notice about editable installs is not the newcomer's first screen.
+	PYTHONWARNINGS=ignore $(BIN)/pip install -q -e '.[test]'
 	touch $(STAMP)
 
 train: $(STAMP)
