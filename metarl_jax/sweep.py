@@ -207,9 +207,10 @@ class SweepPrograms:
         members = (states, self.hypers, self.nan_at)
         if self.members_per_batch >= len(self.nan_at):
             new_states, metrics = jax.vmap(self.member_iteration)(*members)
-        else:  # batches of members one after another, each batch vmapped
+        else:  # one member (a plain scan) or one vmapped batch of them after another
+            batch = None if self.members_per_batch == 1 else self.members_per_batch
             new_states, metrics = jax.lax.map(lambda m: self.member_iteration(*m), members,
-                                              batch_size=self.members_per_batch)
+                                              batch_size=batch)
 
         def keep(new, old):
             return jnp.where(active.reshape((-1,) + (1,) * (new.ndim - 1)), new, old)
