@@ -66,6 +66,20 @@ def train(algo, env_name, config_path, overrides, iterations, seed, seeds_text, 
     setting, and, when neither --algo nor --env (nor the file) names one, the built-in
     experiment (ProMP on point-nav, 100 iterations); then the --config file, the flags
     and --set."""
+    from metarl_jax import early_signals
+
+    restore = early_signals.hold_from_now()  # before JAX is imported
+    try:
+        _train(algo, env_name, config_path, overrides, iterations, seed, seeds_text,
+               sweep_items, devices, cpu_devices, out_dir, resume_dir, force, quiet,
+               print_config, coordinator, num_processes, process_id)
+    finally:
+        restore()
+
+
+def _train(algo, env_name, config_path, overrides, iterations, seed, seeds_text, sweep_items,
+           devices, cpu_devices, out_dir, resume_dir, force, quiet, print_config, coordinator,
+           num_processes, process_id):
     from metarl_jax import distributed, run_config, run_dir, sweep, trainer
 
     if cpu_devices is not None:

@@ -21,7 +21,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from metarl_jax import distributed, loggers, programs, run_dir, watchdog
+from metarl_jax import distributed, early_signals, loggers, programs, run_dir, watchdog
 from metarl_jax.checkpoints import Checkpointer, NoIntactCheckpoint
 from metarl_jax.config import ConfigError
 from metarl_jax.run_config import RunConfig, build
@@ -89,6 +89,9 @@ class StopSignals:
         if threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGTERM, signal.SIGINT):
                 self._previous[signum] = signal.signal(signum, self._handle)
+        pending = early_signals.take_pending()
+        if pending is not None:
+            self.received = pending
         return self
 
     def __exit__(self, *exc):

@@ -212,3 +212,21 @@ def test_twenty_random_interruptions_leave_the_record_of_an_uninterrupted_run(tm
     assert [r["iteration"] for r in got] == list(range(1, iterations + 1))
     assert without_timing(got) == without_timing(want)
     assert json.loads((out / run_dir.LOCK_FILE).read_text() or "{}") == {}
+
+
+def test_a_signal_received_while_starting_up_is_held_for_the_host_loop():
+    """Before the host loop's handlers exist (imports, building, compiling), SIGTERM is
+    held and the loop's first check sees it."""
+    import os
+
+    from metarl_jax import early_signals
+
+    restore = early_signals.hold_from_now()
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        with trainer.StopSignals() as signals:
+            assert signals.received == signal.SIGTERM
+            assert signals.stop_requested()
+    finally:
+        restore()
+    assert early_signals.take_pending() is None
