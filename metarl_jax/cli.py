@@ -19,6 +19,19 @@ EXIT_PREEMPTED = 75  # SIGTERM: the last completed iteration is checkpointed; re
 EXIT_INTERRUPTED = 130  # Ctrl-C, likewise checkpointed
 
 
+def _split_cpu(cpu_devices: int | None) -> None:
+    """`--cpu-devices`: the host CPU split before JAX starts, or one line and exit 2."""
+    if cpu_devices is None:
+        return
+    from metarl_jax import distributed
+
+    try:
+        distributed.split_cpu(cpu_devices)
+    except ConfigError as error:
+        click.echo(f"error: {error}", err=True)
+        sys.exit(EXIT_CONFIG_ERROR)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main():
     """Meta-reinforcement learning compiled with JAX."""
@@ -82,12 +95,7 @@ def _train(algo, env_name, config_path, overrides, iterations, seed, seeds_text,
            num_processes, process_id):
     from metarl_jax import distributed, run_config, run_dir, sweep, trainer
 
-    if cpu_devices is not None:
-        try:
-            distributed.split_cpu(cpu_devices)
-        except ConfigError as error:
-            click.echo(f"error: {error}", err=True)
-            sys.exit(EXIT_CONFIG_ERROR)
+    _split_cpu(cpu_devices)
     distributed.initialize(coordinator, num_processes, process_id)
 
     members = None  # a sweep's members, or None for a single run
@@ -269,15 +277,9 @@ def envs():
 def info(cpu_devices):
     """Print versions (JAX, jaxlib, flax, optax, brax, orbax, mujoco), Python, the platform,
     XLA_FLAGS, the CPU split, and each device with its memory."""
-    from metarl_jax import distributed
     from metarl_jax.info import collect, format_rows
 
-    if cpu_devices is not None:
-        try:
-            distributed.split_cpu(cpu_devices)
-        except ConfigError as error:
-            click.echo(f"error: {error}", err=True)
-            sys.exit(EXIT_CONFIG_ERROR)
+    _split_cpu(cpu_devices)
     click.echo(format_rows(collect()))
 
 
