@@ -51,6 +51,9 @@ class GaussianPolicy:
     action_size: int
     hidden_sizes: tuple[int, ...] = (64, 64)
     activation: str = "tanh"
+    # A floor under σ: the policy uses max(log_std, log min_std), as the reference
+    # meta-policies do (their `min_std`); below it the parameter gets no gradient.
+    min_std: float | None = None
 
     @property
     def network(self) -> _GaussianMLP:
@@ -66,8 +69,14 @@ class GaussianPolicy:
         tree, in the form that differentiates fastest (`mlp_mean`).
         """
         mean = mlp_mean(params, obs, self.activation)
+        return mean, jnp.broadcast_to(self.log_std(params), mean.shape)
+
+    def log_std(self, params) -> jax.Array:
+        """The log σ the policy acts with: its parameter, floored at log `min_std`."""
         log_std = params["params"]["log_std"]
-        return mean, jnp.broadcast_to(log_std, mean.shape)
+        if self.min_std is None:
+            return log_std
+        return jnp.maximum(log_std, jnp.log(self.min_std))
 
     def log_prob(self, params, obs: jax.Array, action: jax.Array) -> jax.Array:
         mean, log_std = self.distribution(params, obs)
@@ -107,8 +116,7 @@ class BiasTransformPolicy(GaussianPolicy):
             [obs, jnp.broadcast_to(bias, obs.shape[:-1] + bias.shape).astype(obs.dtype)],
             axis=-1)
         mean = mlp_mean(params, inputs, self.activation)
-        log_std = params["params"]["log_std"]
-        return mean, jnp.broadcast_to(log_std, mean.shape)
+        return mean, jnp.broadcast_to(self.log_std(params), mean.shape)
 
 
 def mlp_mean(params, obs: jax.Array, activation: str = "tanh") -> jax.Array:

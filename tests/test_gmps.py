@@ -110,6 +110,24 @@ def test_clipped_importance_weights_bound_the_inner_gradient():
         build(importance_clip=0.5)
 
 
+def test_the_meta_policy_acts_with_sigma_floored_at_min_std():
+    """`gmps.min_std` floors σ in everything the meta-policy computes (sampling, log
+    probabilities, the metrics); below the floor log σ gets no gradient, above it the
+    policy is the plain one."""
+    floored = build(min_std=0.5)
+    params = floored.init(jax.random.PRNGKey(0)).params["policy"]
+    observations = jnp.zeros((3, 2))
+    params["params"]["log_std"] = jnp.log(jnp.array([0.1, 0.8]))
+    _, log_std = floored.policy.distribution(params, observations)
+    np.testing.assert_allclose(np.exp(np.asarray(log_std[0])), [0.5, 0.8], rtol=1e-6)
+    grad = jax.grad(lambda p: jnp.sum(floored.policy.log_prob(p, observations,
+                                                              jnp.ones((3, 2)))))(params)
+    log_std_grad = np.asarray(grad["params"]["log_std"])
+    assert log_std_grad[0] == 0.0 and log_std_grad[1] != 0.0
+    _, plain_log_std = build().policy.distribution(params, observations)
+    np.testing.assert_allclose(np.exp(np.asarray(plain_log_std[0])), [0.1, 0.8], rtol=1e-6)
+
+
 def test_outer_gradient_reaches_step_sizes_and_log_std():
     algorithm = build()
     state = with_synthetic_demos(algorithm, algorithm.init(jax.random.PRNGKey(0)))

@@ -60,7 +60,7 @@ from metarl_jax.demonstrations import (DaggerRing, DemonstrationBuffer, expert_a
 from metarl_jax.envs.base import TaskEnv
 from metarl_jax.experts import ExpertConfig, train_and_collect
 from metarl_jax.losses import (imitation_loss, importance_weighted_pg_loss, inner_update,
-                               log_likelihood_loss, masked_mean)
+                               kl_to_sampler, log_likelihood_loss, masked_mean)
 from metarl_jax.policies import ACTIVATIONS, BiasTransformPolicy, GaussianPolicy
 
 
@@ -74,6 +74,8 @@ class GMPSOptions:
     expert_activation: str = field("tanh", **one_of(*ACTIVATIONS))
     learned_step_sizes: bool = True
     step_size_init: float = field(0.5, **positive())
+    # The meta-policy's floor under σ (the reference policy's `min_std`, 1e-6).
+    min_std: float = field(1e-6, **positive())
     # Learned entries appended to the meta-policy's observation; 0: the plain MLP.
     bias_transform_size: int = field(4, **at_least(0))
     imitation: str = field("mse", **one_of("mse", "nll"))
@@ -115,6 +117,13 @@ def clipped_importance_weighted_pg_loss(policy: GaussianPolicy, params, batch,
     return -masked_mean(log_probs * jnp.exp(log_weights) * batch.advantages, batch.masks)
 
 
+def adapted_std_metrics(post_batch) -> dict:
+    """σ of the adapted policies φ_i that sampled the post-update phase: the mean over
+    tasks and the largest, so an inner step that widens one task's policy shows."""
+    per_task = jnp.mean(jnp.exp(post_batch.log_stds[..., 0, 0, :]), axis=-1)  # [M]
+    return {"adapted_std": jnp.mean(per_task), "adapted_std_max": jnp.max(per_task)}
+
+
 class GMPS(MetaLearner):
     name = "gmps"
     config_class = GMPSConfig
@@ -131,6 +140,7 @@ class GMPS(MetaLearner):
             policy = BiasTransformPolicy(policy.observation_size, policy.action_size,
                                          tuple(policy.hidden_sizes), policy.activation,
                                          bias_size=g.bias_transform_size)
+        policy = dataclasses.replace(policy, min_std=g.min_std)
         super().__init__(config, env, policy)
         self.expert_policy = GaussianPolicy(env.observation_size, env.action_size,
                                             tuple(g.expert_hidden_sizes), g.expert_activation)
@@ -296,10 +306,16 @@ class GMPS(MetaLearner):
         metrics = {**phase_returns(pre_batches, post_batch),
                    "imitation_loss_first": losses[0], "imitation_loss": losses[-1],
                    "dagger_fill": jnp.mean(dagger.counts.astype(jnp.float32)),
-                   "policy_std": jnp.mean(jnp.exp(params["policy"]["params"]["log_std"]))}
+                   "policy_std": jnp.mean(jnp.exp(self.policy.log_std(params["policy"]))),
+                   # How far the imitation steps moved θ from the policy that sampled.
+                   "theta_kl": jnp.mean(jax.vmap(kl_to_sampler, in_axes=(None, None, 0))(
+                       self.policy, params["policy"], batch)),
+                   **adapted_std_metrics(post_batch)}
         if g.learned_step_sizes:
             metrics["step_size"] = jnp.mean(jnp.concatenate(
                 [jnp.ravel(a) for a in jax.tree.leaves(params["step_sizes"])]))
+            metrics["step_size_log_std"] = jnp.mean(
+                params["step_sizes"]["params"]["log_std"])
         new_state = state.replace(params=params, opt_state=opt_state, key=key,
                                   iteration=state.iteration + 1, dagger=dagger)
         return new_state, metrics
