@@ -517,13 +517,14 @@ def test_a_fallen_lane_continues_with_a_fresh_episode_and_its_returns_restart():
 # ---------------------------------------------------------------------------------------
 
 BRAX_TASKS = [name for name in env_names() if name != "point-nav"]
-# ant-dir's iteration runs through the CLI instead (test_cli.py), with the same checks.
-ITERATED_HERE = [name for name in BRAX_TASKS if name != "ant-dir"]
+# One compiled iteration per body (ant-dir's runs through the CLI instead, test_cli.py,
+# with the same checks); the other tasks of a body share its physics, and their steps are
+# compiled by the reward tests above, so their iteration is traced, not compiled.
+COMPILED_HERE = ["ant-goal-ring", "halfcheetah-vel", "hopper-params", "humanoid-dir",
+                 "walker-dir"]
 
 
-@pytest.mark.parametrize("name", ITERATED_HERE)
-def test_one_promp_iteration_on_every_task(name):
-    """Tiny batch, one compiled meta-iteration; `ant-dir`'s runs through the CLI."""
+def _tiny_promp(name):
     env = make_env(name, horizon=6)
     # The `metarl envs` row, read from the class without building, is the built env's.
     declared = ENVIRONMENTS[name]
@@ -531,7 +532,14 @@ def test_one_promp_iteration_on_every_task(name):
     config = ProMPConfig(meta_batch_size=2, episodes_per_task=2, horizon=6, promp_steps=1)
     policy = GaussianPolicy(env.observation_size, env.action_size, (8,))
     algorithm = ProMP(config, env, policy)
-    state = algorithm.init(jax.random.PRNGKey(0))
+    assert algorithm.env_steps_per_iteration == 2 * 2 * 6 * 2
+    return algorithm, algorithm.init(jax.random.PRNGKey(0))
+
+
+@pytest.mark.parametrize("name", COMPILED_HERE)
+def test_one_promp_iteration_on_every_body(name):
+    """Tiny batch, one compiled meta-iteration: finite, and every parameter moves."""
+    algorithm, state = _tiny_promp(name)
     new_state, metrics = jax.jit(algorithm.meta_iteration)(state)
     metrics = jax.tree.map(np.asarray, metrics)
     for key in ("pre_return", "post_return", "outer_loss"):
@@ -540,7 +548,25 @@ def test_one_promp_iteration_on_every_task(name):
     moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), state.params,
                          new_state.params)
     assert min(jax.tree.leaves(moved)) > 0.0
-    assert algorithm.env_steps_per_iteration == 2 * 2 * 6 * 2
+
+
+@pytest.mark.parametrize("name", [n for n in BRAX_TASKS
+                                  if n not in COMPILED_HERE and n != "ant-dir"])
+def test_one_promp_iteration_traces_on_every_other_task(name):
+    """The iteration of every other task traces to the state it started from, with
+    finite-typed metrics, without compiling."""
+    algorithm, state = _tiny_promp(name)
+    after, metrics = jax.eval_shape(algorithm.meta_iteration, state)
+    assert jax.tree.structure(after) == jax.tree.structure(state)
+    for x, y in zip(jax.tree.leaves(state), jax.tree.leaves(after)):
+        assert (np.shape(x), jnp.result_type(x)) == (y.shape, y.dtype)
+    for key in ("pre_return", "post_return", "outer_loss"):
+        assert metrics[key].shape == () and metrics[key].dtype == jnp.float32, key
+
+
+def test_every_body_is_compiled_here_or_through_the_cli():
+    bodies = {ENVIRONMENTS[name].brax_name for name in BRAX_TASKS}
+    assert {ENVIRONMENTS[name].brax_name for name in COMPILED_HERE + ["ant-dir"]} == bodies
 
 
 def test_more_training_tasks_than_the_ring_has_fail_with_one_line(tmp_path):
