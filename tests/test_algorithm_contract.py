@@ -4,7 +4,7 @@ Each algorithm runs on a tiny point-nav setting through the same checks: one com
 iteration reports the required metrics; its state keeps its shapes, so nothing
 recompiles; meta-test adaptation has the documented shape; a checkpoint round trip
 resumes to the same numbers; and two devices give the numbers of one, with the work
-split between them. A new algorithm that misses a piece fails here, by name.
+split between them (for the other MAML compositions in `make test-slow`). A new algorithm that misses a piece fails here, by name.
 """
 
 import json
@@ -143,7 +143,15 @@ TWO_DEVICES = textwrap.dedent("""
 CONJUGATE_GRADIENT_OUTPUTS = {"step_size", "kl", "outer_loss_after", "policy_std"}
 
 
-@pytest.mark.parametrize("algo", sorted(ALGORITHMS))
+# In `make test`, one learner of each kind of outer step (PPO-style, TRPO, Adam on a
+# VPG inner loss, the Moreau envelope, imitation); the other MAML compositions reuse
+# their parts and run in `make test-slow`.
+TWO_DEVICES_FAST = {"promp", "maml-trpo", "dice-vpg", "memrl", "gmps"}
+
+
+@pytest.mark.parametrize("algo", [a if a in TWO_DEVICES_FAST
+                                  else pytest.param(a, marks=pytest.mark.slow)
+                                  for a in sorted(ALGORITHMS)])
 def test_two_devices_split_the_tasks_and_give_the_numbers_of_one(algo):
     """The task sharding is applied for every algorithm, not by each remembering to: on
     two devices the program is partitioned, and the first iteration's metrics equal one
