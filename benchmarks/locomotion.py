@@ -66,9 +66,8 @@ def batch_shape(config_yaml: str) -> str:
     import yaml
 
     config = yaml.safe_load(config_yaml)
-    algorithm = config.get("algorithm", config)
-    return "×".join(str(algorithm[k]) for k in ("meta_batch_size", "episodes_per_task",
-                                                "horizon"))
+    return "×".join(str(config[k]) for k in ("meta_batch_size", "episodes_per_task",
+                                             "horizon"))
 
 
 def format_table(rows: list[dict]) -> str:
