@@ -36,9 +36,8 @@ def run_once(task: str, backend: str, cpu_devices: int, batch: str, iterations: 
     out = os.path.join(work, f"{task}_{backend}_{cpu_devices}_{batch}")
     args = [sys.executable, "-m", "metarl_jax.cli", "train", "--quiet", "--force",
             "--algo", "promp", "--env", task, "--iterations", str(iterations),
-            "--set", f"env.backend={backend}", "--out", out]
-    if cpu_devices > 1:
-        args += ["--cpu-devices", str(cpu_devices)]
+            "--set", f"env.backend={backend}", "--out", out,
+            "--cpu-devices", str(cpu_devices)]
     if batch == "reduced":
         args += [arg for key, value in REDUCED.items() for arg in ("--set", f"{key}={value}")]
     env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}

@@ -51,9 +51,10 @@ from metarl_jax.rollout import collect
 MODES = ("iteration", "scaling", "fused", "train")
 
 TRAIN_VARIANTS = {
-    "none": [],
+    "`--cpu-devices 1`": ["--cpu-devices", "1"],
     "`--cpu-devices 2`": ["--cpu-devices", "2"],
-    "`--set iterations_per_call=5`": ["--set", "iterations_per_call=5"],
+    "`--cpu-devices 1 --set iterations_per_call=5`": ["--cpu-devices", "1", "--set",
+                                                      "iterations_per_call=5"],
     "`--cpu-devices 2 --set iterations_per_call=5`": ["--cpu-devices", "2", "--set",
                                                       "iterations_per_call=5"],
 }

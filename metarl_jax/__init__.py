@@ -58,6 +58,12 @@ def reserve_cpu_threads(num_devices: int) -> None:
     os.environ[CPU_POOL_ENV] = str(host_cores() + num_devices)
 
 
+def cpu_devices_chosen() -> bool:
+    """Whether the environment already sets JAX's CPU device count."""
+    return ("--xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "")
+            or bool(os.environ.get("JAX_NUM_CPU_DEVICES", "").strip()))
+
+
 def _cpu_devices_requested() -> int:
     """The CPU device count asked for through the environment, 1 when none."""
     counts = [1]

@@ -19,11 +19,15 @@ EXIT_PREEMPTED = 75  # SIGTERM: the last completed iteration is checkpointed; re
 EXIT_INTERRUPTED = 130  # Ctrl-C, likewise checkpointed
 
 
-def _split_cpu(cpu_devices: int | None) -> None:
-    """`--cpu-devices`: the host CPU split before JAX starts, or one line and exit 2."""
-    if cpu_devices is None:
-        return
+def _split_cpu(cpu_devices: int | None, per_core_by_default: bool = False) -> None:
+    """`--cpu-devices`: the host CPU split before JAX starts, or one line and exit 2.
+    Without it, `per_core_by_default` splits it into one device per core."""
     from metarl_jax import distributed
+
+    if cpu_devices is None:
+        if per_core_by_default:
+            distributed.split_cpu_per_core()
+        return
 
     try:
         distributed.split_cpu(cpu_devices)
@@ -53,9 +57,10 @@ def main():
               help="Sweep a number (inner_lr=0.05,0.1); repeatable, the grid is the "
               "product, trained as one compiled program with --seeds.")
 @click.option("--devices", type=int, help="Shard the tasks over this many devices "
-              "(default: all).")
+              "(default: as many as divide the meta-batch evenly, all when they do).")
 @click.option("--cpu-devices", type=int, help="Split the host CPU into this many devices "
-              "for the task sharding; one per core is fastest on a CPU-only machine.")
+              "for the task sharding (default: one per core, the fastest on a CPU-only "
+              "machine; 1 keeps it whole).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False),
               help="Run directory for config.yaml, metrics.jsonl, checkpoints/ and the "
               "logger's files (tensorboard/ by default).")
@@ -95,7 +100,10 @@ def _train(algo, env_name, config_path, overrides, iterations, seed, seeds_text,
            num_processes, process_id):
     from metarl_jax import distributed, run_config, run_dir, sweep, trainer
 
-    _split_cpu(cpu_devices)
+    # Several processes share out the devices of every process; each keeps its CPU whole
+    # unless told otherwise.
+    several_processes = bool(coordinator or os.environ.get("METARL_COORDINATOR"))
+    _split_cpu(cpu_devices, per_core_by_default=not several_processes)
     distributed.initialize(coordinator, num_processes, process_id)
 
     members = None  # a sweep's members, or None for a single run

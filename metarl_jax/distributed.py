@@ -66,6 +66,41 @@ def split_cpu(num_devices: int) -> None:
     metarl_jax.reserve_cpu_threads(num_devices)
 
 
+def split_cpu_per_core() -> int | None:
+    """What `metarl train` does without `--cpu-devices`: the host CPU split into one
+    device per core (`split_cpu`), the fastest choice on a CPU-only machine for every
+    task measured (benchmarks/RESULTS.md). It touches only JAX's CPU platform, so on a
+    host with an accelerator, whose devices the programs run on, it changes nothing.
+    Leaves the CPU as it is, and returns None, on a single core, when the user chose a
+    count (XLA_FLAGS, JAX_NUM_CPU_DEVICES) or when JAX has already started; otherwise
+    returns the number of devices."""
+    if metarl_jax.cpu_devices_chosen():
+        return None
+    cores = metarl_jax.host_cores()
+    if cores <= 1:
+        return None
+    try:
+        split_cpu(cores)
+    except ConfigError:  # JAX already runs (a notebook, an in-process test): as it is
+        return None
+    return cores
+
+
+def sharding_for_tasks(meta_batch_size: int, num_devices: int | None = None
+                       ) -> NamedSharding:
+    """The task sharding of a run: over `num_devices` devices when given (which must
+    divide the meta-batch); by default over as many of this process's devices as divide
+    the meta-batch evenly (all of them when they do). A run of several processes needs
+    every device, so there the default is all of them, and they must divide it."""
+    if num_devices is None and jax.process_count() == 1:
+        available = len(jax.devices())
+        num_devices = max(count for count in range(1, available + 1)
+                          if meta_batch_size % count == 0)
+    sharding = task_sharding(num_devices)
+    check_divisible(meta_batch_size, sharding)
+    return sharding
+
+
 def shard_tasks(tree):
     """Constrains the leading (task) axis of every leaf of `tree` to the active task
     sharding; the identity when none is active or on a single device."""

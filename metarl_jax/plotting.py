@@ -73,9 +73,14 @@ def expand_sweeps(run_dirs: list[str]) -> list[str]:
     return expanded
 
 
-def plot_runs(run_dirs: list[str], out: str, show_pre: bool = True) -> str:
+def plot_runs(run_dirs: list[str], out: str, show_pre: bool = True,
+              references: list[tuple[float, float, str]] = (), title: str | None = None
+              ) -> str:
     """Post-update (solid) and pre-update (dashed) return against environment steps:
-    the mean over the seeds of each configuration, shaded between min and max."""
+    the mean over the seeds of each configuration, shaded between min and max.
+
+    `references`: (env_steps, return, label) points drawn as black markers, such as a
+    paper's reported values."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     groups = _group_runs(expand_sweeps(run_dirs))
@@ -96,8 +101,12 @@ def plot_runs(run_dirs: list[str], out: str, show_pre: bool = True) -> str:
             if len(curves) > 1:
                 ax.fill_between(steps, values.min(axis=0), values.max(axis=0), color=color,
                                 alpha=0.2, linewidth=0)
+    for marker, (steps, value, label) in zip("*^sDv", references):
+        ax.plot([steps], [value], marker, color="black", markersize=9, label=label)
     ax.set_xlabel("environment steps")
     ax.set_ylabel("mean episode return")
+    if title:
+        ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()

@@ -333,8 +333,8 @@ def train_sweep(members: list[Member], out_dir: str, force: bool = False,
         if not resume:
             write_index(out_dir, members, swept)
 
-        sharding = distributed.task_sharding(run.devices)
-        distributed.check_divisible(members[0].config.algorithm.meta_batch_size, sharding)
+        sharding = distributed.sharding_for_tasks(
+            members[0].config.algorithm.meta_batch_size, run.devices)
         compiled = SweepPrograms(members, sharding)
         # The members' phases are in memory together: M·S tasks' worth.
         memory_config = dataclasses.replace(

@@ -214,8 +214,8 @@ def train(config: RunConfig, out_dir: str | None = None, force: bool = False,
         checkpointer = (_open_run_directory(config, out_dir, force, resume, primary, stack)
                         if out_dir is not None else None)
         env, _, algorithm = build(config)
-        sharding = distributed.task_sharding(run.devices)
-        distributed.check_divisible(config.algorithm.meta_batch_size, sharding)
+        sharding = distributed.sharding_for_tasks(config.algorithm.meta_batch_size,
+                                                  run.devices)
         programs.check_memory(config.algorithm, env, sharding)
 
         state = algorithm.init(jax.random.PRNGKey(run.seed))

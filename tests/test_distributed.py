@@ -63,9 +63,12 @@ def test_four_devices_match_one_device_maml_trpo():
 
 
 def test_meta_batch_must_split_over_the_devices():
+    """Asked for 4 devices, 6 tasks are an error; by default a run takes as many of the 4
+    as divide its meta-batch."""
     env = {**os.environ, "XLA_FLAGS": FOUR_DEVICES}
     code = textwrap.dedent("""
-        from metarl_jax import run_config, trainer
+        from metarl_jax import distributed, run_config, trainer
+        print([distributed.sharding_for_tasks(m).mesh.size for m in (8, 6, 5, 2)])
         config = run_config.resolve_config({**run_config.DEFAULT_EXPERIMENT, "devices": 4,
                                          "meta_batch_size": 6, "iterations": 1})
         try:
@@ -75,20 +78,24 @@ def test_meta_batch_must_split_over_the_devices():
     """)
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                          text=True, timeout=300)
+    assert out.stdout.splitlines()[0] == "[4, 3, 1, 2]", out.stdout + out.stderr[-2000:]
     assert "meta_batch_size: 6 tasks do not split evenly over 4 devices" in out.stdout
 
 
-def test_cpu_devices_splits_the_host_for_the_task_sharding(tmp_path):
-    """`metarl train --cpu-devices 2` trains with the tasks over two CPU devices."""
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+def test_metarl_train_splits_the_host_cpu_one_device_per_core(tmp_path):
+    """Without `--cpu-devices`, `metarl train` on a CPU-only host shards the tasks over
+    one CPU device per core (as many as divide the meta-batch)."""
+    from metarl_jax import host_cores
+
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
     out = subprocess.run(
-        [sys.executable, "-m", "metarl_jax.cli", "train", "--cpu-devices", "2", "--quiet",
+        [sys.executable, "-m", "metarl_jax.cli", "train", "--quiet",
          "--algo", "maml-vpg", "--env", "point-nav", "--iterations", "1",
          "--set", "meta_batch_size=4", "--set", "episodes_per_task=2", "--set", "horizon=5",
          "--out", str(tmp_path / "run")], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
-    assert record["devices"] == 2
+    assert record["devices"] == max(d for d in range(1, min(host_cores(), 4) + 1) if 4 % d == 0)
     out = subprocess.run(
         [sys.executable, "-m", "metarl_jax.cli", "train", "--cpu-devices", "0",
          "--out", str(tmp_path / "bad")], env=env, capture_output=True, text=True, timeout=60)

@@ -97,7 +97,8 @@ def test_each_member_equals_its_separate_run_and_resume_equals_uninterrupted(tmp
         assert without_timing(run_dir.read_metrics(str(short / member.name))) == \
             without_timing(run_dir.read_metrics(str(out / member.name)))
 
-    figure = plotting.plot_runs([str(out)], str(tmp_path / "sweep.png"))
+    figure = plotting.plot_runs([str(out)], str(tmp_path / "sweep.png"),
+                                references=[(400, -20.0, "a paper's value")], title="t")
     assert (tmp_path / "sweep.png").stat().st_size > 0 and figure.endswith("sweep.png")
 
 

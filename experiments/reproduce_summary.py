@@ -1,0 +1,157 @@
+"""Tables and curves of the locomotion reproduction (experiments/reproduce_locomotion.sh).
+
+    python experiments/reproduce_summary.py            # every task with runs
+    python experiments/reproduce_summary.py halfcheetah-dir
+
+For each run in runs/reproduce/TASK/ALGO_seedS it first copies the run's summary
+(config.yaml, metrics.jsonl, eval.json) to experiments/reproduce/TASK/ALGO_seedS, which
+is committed, so the tables and figures can be redrawn without the checkpoints. Then it
+writes, from those copies, experiments/reproduce/TASK.md (one row per run and one per
+algorithm: the return at the paper's marks and over the last 10 iterations, the held-out
+adaptation) and docs/reproduction_TASK.png (post- and pre-update return against
+environment steps, the paper's values as black markers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import shutil
+import statistics
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+RUNS = ROOT / "runs" / "reproduce"
+SUMMARIES = ROOT / "experiments" / "reproduce"
+FIGURES = ROOT / "docs"
+SUMMARY_FILES = ("config.yaml", "metrics.jsonl", "eval.json")
+
+# The ProMP paper's Figure 2 (MuJoCo dynamics), read by eye, about ±10 %:
+# (env steps, post-update return, label) per task and algorithm.
+PAPER = {
+    "halfcheetah-dir": {"promp": [(2.5e7, 250.0), (1.2e8, 310.0)],
+                        "maml-trpo": [(1.2e8, 262.0)]},
+    "ant-dir": {"promp": [(5e7, 178.0)], "maml-trpo": [(5e7, 162.0)]},
+    "hopper-params": {"promp": [(None, 265.0)], "maml-trpo": [(None, 230.0)]},
+    "halfcheetah-vel": {},  # not in the ProMP paper (it is MAML's HalfCheetahVel)
+}
+
+
+def copy_summaries(task: str) -> None:
+    for run in sorted((RUNS / task).glob("*_seed*")):
+        target = SUMMARIES / task / run.name
+        target.mkdir(parents=True, exist_ok=True)
+        for name in SUMMARY_FILES:
+            if (run / name).exists():
+                shutil.copy2(run / name, target / name)
+
+
+def read_records(run: pathlib.Path) -> list[dict]:
+    records = []
+    with open(run / "metrics.jsonl") as f:
+        for line in f:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut short by a kill
+                break
+    return records
+
+
+def mean_near(records: list[dict], steps: float, key: str) -> float | None:
+    """Mean of `key` over the iterations with env steps in (0.9·steps, steps], or None
+    when the run has not got that far."""
+    if records[-1]["env_steps"] < steps:
+        return None
+    window = [r[key] for r in records if 0.9 * steps < r["env_steps"] <= steps]
+    return statistics.fmean(window) if window else None
+
+
+def run_row(run: pathlib.Path, marks: list[float]) -> dict:
+    records = read_records(run)
+    last = records[-10:]
+    row = {"run": run.name, "algo": run.name.rsplit("_seed", 1)[0],
+           "seed": run.name.rsplit("_seed", 1)[1], "iterations": records[-1]["iteration"],
+           "env_steps": records[-1]["env_steps"], "hours": records[-1]["time_s"] / 3600,
+           "post_last": statistics.fmean(r["post_return"] for r in last),
+           "pre_last": statistics.fmean(r["pre_return"] for r in last),
+           "at_marks": {mark: mean_near(records, mark, "post_return") for mark in marks},
+           "eval": None}
+    if (run / "eval.json").exists():
+        row["eval"] = json.loads((run / "eval.json").read_text())
+    return row
+
+
+def fmt(value, digits=1) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def task_table(task: str, rows: list[dict], marks: list[float]) -> str:
+    mark_heads = "".join(f" post at {mark:.2g} steps |" for mark in marks)
+    lines = [f"## {task}", "",
+             f"| run | iterations | env steps | hours |{mark_heads} post, last 10 it. | "
+             "pre, last 10 it. | post − pre | held-out return after 0 / 1 / 2 / 3 steps |",
+             "|---|---|---|---|" + "---|" * len(marks) + "---|---|---|---|"]
+    for row in rows:
+        held_out = ("–" if row["eval"] is None else " / ".join(
+            f"{m:.1f}" for m in row["eval"]["return_mean"]))
+        lines.append(
+            f"| {row['run']} | {row['iterations']} | {row['env_steps']:,} | "
+            f"{row['hours']:.2f} |" + "".join(f" {fmt(row['at_marks'][m])} |" for m in marks)
+            + f" {row['post_last']:.1f} | {row['pre_last']:.1f} | "
+              f"{row['post_last'] - row['pre_last']:.1f} | {held_out} |")
+    lines.append("")
+    for algo in sorted({row["algo"] for row in rows}):
+        mine = [row for row in rows if row["algo"] == algo]
+        if len(mine) < 2:
+            continue
+        post = statistics.fmean(row["post_last"] for row in mine)
+        pre = statistics.fmean(row["pre_last"] for row in mine)
+        at = []
+        for mark in marks:
+            values = [row["at_marks"][mark] for row in mine]
+            at.append(fmt(statistics.fmean(values)) if None not in values else "–")
+        lines.append(f"- {algo}, mean of {len(mine)} seeds: post {post:.1f}, pre {pre:.1f}, "
+                     f"gain {post - pre:.1f} over the last 10 iterations"
+                     + "".join(f"; post at {m:.2g} steps {a}" for m, a in zip(marks, at)))
+    paper = PAPER.get(task, {})
+    for algo, points in paper.items():
+        lines.append(f"- paper, {algo}: " + ", ".join(
+            f"≈ {value:.0f}" + (f" at {steps:.2g} steps" if steps else " (final)")
+            for steps, value in points))
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("tasks", nargs="*")
+    args = parser.parse_args()
+    tasks = args.tasks or sorted({p.name for p in list(RUNS.glob("*")) +
+                                  list(SUMMARIES.glob("*")) if p.is_dir()})
+    sys.path.insert(0, str(ROOT))
+    from metarl_jax.plotting import plot_runs
+
+    for task in tasks:
+        if (RUNS / task).exists():
+            copy_summaries(task)
+        runs = sorted((SUMMARIES / task).glob("*_seed*"))
+        if not runs:
+            continue
+        marks = sorted({steps for points in PAPER.get(task, {}).values()
+                        for steps, _ in points if steps})
+        reached = [m for m in marks if any(read_records(r)[-1]["env_steps"] >= m
+                                           for r in runs)]
+        rows = [run_row(run, marks) for run in runs]
+        text = task_table(task, rows, marks)
+        (SUMMARIES / f"{task}.md").write_text(text)
+        print(text)
+        references = [(steps, value, f"paper, {algo}")
+                      for algo, points in PAPER.get(task, {}).items()
+                      for steps, value in points if steps in reached]
+        figure = plot_runs([str(r) for r in runs], str(FIGURES / f"reproduction_{task}.png"),
+                           references=references, title=f"{task}, Brax generalized")
+        print(f"written: {figure}")
+
+
+if __name__ == "__main__":
+    main()
