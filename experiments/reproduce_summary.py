@@ -22,6 +22,7 @@ import statistics
 import sys
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 RUNS = ROOT / "runs" / "reproduce"
 SUMMARIES = ROOT / "experiments" / "reproduce"
 FIGURES = ROOT / "docs"
@@ -48,14 +49,9 @@ def copy_summaries(task: str) -> None:
 
 
 def read_records(run: pathlib.Path) -> list[dict]:
-    records = []
-    with open(run / "metrics.jsonl") as f:
-        for line in f:
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:  # a line cut short by a kill
-                break
-    return records
+    from metarl_jax.run_dir import read_metrics
+
+    return read_metrics(str(run))
 
 
 def mean_near(records: list[dict], steps: float, key: str) -> float | None:
@@ -128,7 +124,6 @@ def main() -> None:
     args = parser.parse_args()
     tasks = args.tasks or sorted({p.name for p in list(RUNS.glob("*")) +
                                   list(SUMMARIES.glob("*")) if p.is_dir()})
-    sys.path.insert(0, str(ROOT))
     from metarl_jax.plotting import plot_runs
 
     for task in tasks:
