@@ -12,12 +12,11 @@
 # Runs go to runs/reproduce/TASK/ALGO_seedS; each finished run is then evaluated on 40
 # held-out tasks with 0-3 adaptation steps (eval.json), and
 # experiments/reproduce_summary.py writes the tables and curves of docs/reproduction.md.
-# CPU_DEVICES (default 2, one per core of this machine) splits the host CPU; it changes
-# the speed, not the numbers' distribution.
+# On a CPU-only host `metarl train` splits the CPU into one device per core, which
+# changes the speed, not the numbers' distribution.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 METARL=${METARL:-.venv/bin/metarl}
-CPU_DEVICES=${CPU_DEVICES:-2}
 ALGOS=${ALGOS:-promp maml-trpo}
 SEEDS=${SEEDS:-0 1}
 
@@ -35,12 +34,11 @@ train_run() {  # OUT ITERATIONS ARGS...: train, continue or skip one run
     echo "$out: finished"
   elif [ -d "$out/checkpoints" ] && [ -n "$(ls -A "$out/checkpoints")" ]; then
     echo "$out: continuing"
-    "$METARL" train --resume "$out" --iterations "$iterations" --quiet \
-      --cpu-devices "$CPU_DEVICES"
+    "$METARL" train --resume "$out" --iterations "$iterations" --quiet
   else
     echo "$out: starting"
     "$METARL" train --out "$out" --force --quiet --iterations "$iterations" \
-      --cpu-devices "$CPU_DEVICES" --set checkpoint_every=5 "$@"
+      --set checkpoint_every=5 "$@"
   fi
   if [ ! -f "$out/eval.json" ]; then
     "$METARL" eval --run "$out" --adapt-steps 3

@@ -46,6 +46,10 @@ def copy_summaries(task: str) -> None:
         for name in SUMMARY_FILES:
             if (run / name).exists():
                 shutil.copy2(run / name, target / name)
+        if (target / "eval.json").exists():  # name the run as the repository has it
+            result = json.loads((target / "eval.json").read_text())
+            result["run"] = str(target.relative_to(ROOT))
+            (target / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
 
 
 def read_records(run: pathlib.Path) -> list[dict]:
@@ -134,9 +138,8 @@ def main() -> None:
             continue
         marks = sorted({steps for points in PAPER.get(task, {}).values()
                         for steps, _ in points if steps})
-        reached = [m for m in marks if any(read_records(r)[-1]["env_steps"] >= m
-                                           for r in runs)]
         rows = [run_row(run, marks) for run in runs]
+        reached = [m for m in marks if any(row["env_steps"] >= m for row in rows)]
         text = task_table(task, rows, marks)
         (SUMMARIES / f"{task}.md").write_text(text)
         print(text)

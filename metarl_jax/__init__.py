@@ -58,23 +58,18 @@ def reserve_cpu_threads(num_devices: int) -> None:
     os.environ[CPU_POOL_ENV] = str(host_cores() + num_devices)
 
 
-def cpu_devices_chosen() -> bool:
-    """Whether the environment already sets JAX's CPU device count."""
-    return ("--xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "")
-            or bool(os.environ.get("JAX_NUM_CPU_DEVICES", "").strip()))
-
-
-def _cpu_devices_requested() -> int:
-    """The CPU device count asked for through the environment, 1 when none."""
-    counts = [1]
+def cpu_devices_from_environment() -> int | None:
+    """The CPU device count the environment asks JAX for (XLA_FLAGS'
+    --xla_force_host_platform_device_count, JAX_NUM_CPU_DEVICES; the larger), or None."""
+    counts = []
     match = re.search(r"--xla_force_host_platform_device_count=(\d+)",
                       os.environ.get("XLA_FLAGS", ""))
     if match:
         counts.append(int(match.group(1)))
     if os.environ.get("JAX_NUM_CPU_DEVICES", "").strip().isdigit():
         counts.append(int(os.environ["JAX_NUM_CPU_DEVICES"]))
-    return max(counts)
+    return max(counts) if counts else None
 
 
 _add_xla_workaround_flags()
-reserve_cpu_threads(_cpu_devices_requested())
+reserve_cpu_threads(cpu_devices_from_environment() or 1)

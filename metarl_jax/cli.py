@@ -19,6 +19,11 @@ EXIT_PREEMPTED = 75  # SIGTERM: the last completed iteration is checkpointed; re
 EXIT_INTERRUPTED = 130  # Ctrl-C, likewise checkpointed
 
 
+# Set by `run`, the `metarl` program: only a process of its own splits its CPU by default;
+# a caller of `main` inside a process (a test, a notebook) keeps that process's devices.
+_OWN_PROCESS = False
+
+
 def _split_cpu(cpu_devices: int | None, per_core_by_default: bool = False) -> None:
     """`--cpu-devices`: the host CPU split before JAX starts, or one line and exit 2.
     Without it, `per_core_by_default` splits it into one device per core."""
@@ -103,7 +108,7 @@ def _train(algo, env_name, config_path, overrides, iterations, seed, seeds_text,
     # Several processes share out the devices of every process; each keeps its CPU whole
     # unless told otherwise.
     several_processes = bool(coordinator or os.environ.get("METARL_COORDINATOR"))
-    _split_cpu(cpu_devices, per_core_by_default=not several_processes)
+    _split_cpu(cpu_devices, per_core_by_default=_OWN_PROCESS and not several_processes)
     distributed.initialize(coordinator, num_processes, process_id)
 
     members = None  # a sweep's members, or None for a single run
@@ -325,5 +330,12 @@ def experts(env_name, out_path, num_tasks, iterations, seed, overrides, quiet):
                f"demonstrations: {summary['real_steps']} steps; written: {summary['path']}")
 
 
-if __name__ == "__main__":
+def run():
+    """The `metarl` program: `main` in a process of its own."""
+    global _OWN_PROCESS
+    _OWN_PROCESS = True
     main()
+
+
+if __name__ == "__main__":
+    run()

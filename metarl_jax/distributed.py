@@ -74,7 +74,7 @@ def split_cpu_per_core() -> int | None:
     Leaves the CPU as it is, and returns None, on a single core, when the user chose a
     count (XLA_FLAGS, JAX_NUM_CPU_DEVICES) or when JAX has already started; otherwise
     returns the number of devices."""
-    if metarl_jax.cpu_devices_chosen():
+    if metarl_jax.cpu_devices_from_environment() is not None:
         return None
     cores = metarl_jax.host_cores()
     if cores <= 1:
