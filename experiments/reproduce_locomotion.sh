@@ -3,7 +3,8 @@
 # task's published setting (`--algo A --env T`: its batch, horizon, step sizes and the
 # `generalized` backend), for a fixed number of meta-iterations per task. A run of hours
 # is done in pieces: run the script again and it skips finished runs and continues an
-# interrupted one from its last checkpoint (one every 5 iterations).
+# interrupted one from its last checkpoint (one every 5 iterations), on a fresh clone from
+# the copy that experiments/reproduce_summary.py commits beside the run's summary.
 #
 #   bash experiments/reproduce_locomotion.sh                    # every task, in order
 #   bash experiments/reproduce_locomotion.sh halfcheetah-dir    # one task
@@ -30,6 +31,14 @@ TASKS=("$@")
 train_run() {  # OUT ITERATIONS ARGS...: train, continue or skip one run
   local out=$1 iterations=$2
   shift 2
+  # A run interrupted elsewhere: its summary and last checkpoint were committed by
+  # reproduce_summary.py; continue from them.
+  local parked=experiments/reproduce/${out#runs/reproduce/}
+  if [ ! -d "$out/checkpoints" ] && [ -d "$parked/checkpoints" ]; then
+    echo "$out: continuing from $parked"
+    mkdir -p "$out"
+    cp -r "$parked/config.yaml" "$parked/metrics.jsonl" "$parked/checkpoints" "$out/"
+  fi
   if [ -d "$out/checkpoints/$iterations" ]; then
     echo "$out: finished"
   elif [ -d "$out/checkpoints" ] && [ -n "$(ls -A "$out/checkpoints")" ]; then

@@ -5,7 +5,10 @@
 
 For each run in runs/reproduce/TASK/ALGO_seedS it first copies the run's summary
 (config.yaml, metrics.jsonl, eval.json) to experiments/reproduce/TASK/ALGO_seedS, which
-is committed, so the tables and figures can be redrawn without the checkpoints. Then it
+is committed, so the tables and figures can be redrawn without the checkpoints. Of a run
+not yet finished it copies its last checkpoint too (checkpoints/N, about 200 kB), so
+that reproduce_locomotion.sh can continue it on another machine or a fresh clone; a
+finished run's copy holds no checkpoint. Then it
 writes, from those copies, experiments/reproduce/TASK.md (one row per run and one per
 algorithm: the return at the paper's marks and over the last 10 iterations, the held-out
 adaptation) and docs/reproduction_TASK.png (post- and pre-update return against
@@ -39,6 +42,26 @@ PAPER = {
 }
 
 
+def last_checkpoint(run: pathlib.Path) -> pathlib.Path | None:
+    """The run's newest complete checkpoint directory (orbax marks a complete one with
+    its metadata file), or None."""
+    done = [d for d in (run / "checkpoints").glob("[0-9]*")
+            if (d / "_CHECKPOINT_METADATA").exists()]
+    return max(done, key=lambda d: int(d.name)) if done else None
+
+
+def park_checkpoint(run: pathlib.Path, target: pathlib.Path) -> None:
+    """Keeps the newest checkpoint of an unfinished run beside its summary (and none of a
+    finished run), replacing any older copy."""
+    import yaml
+
+    total = yaml.safe_load((run / "config.yaml").read_text())["iterations"]
+    newest = last_checkpoint(run)
+    shutil.rmtree(target / "checkpoints", ignore_errors=True)
+    if newest is not None and int(newest.name) < total:
+        shutil.copytree(newest, target / "checkpoints" / newest.name)
+
+
 def copy_summaries(task: str) -> None:
     for run in sorted((RUNS / task).glob("*_seed*")):
         target = SUMMARIES / task / run.name
@@ -46,6 +69,8 @@ def copy_summaries(task: str) -> None:
         for name in SUMMARY_FILES:
             if (run / name).exists():
                 shutil.copy2(run / name, target / name)
+        if (run / "config.yaml").exists():
+            park_checkpoint(run, target)
         if (target / "eval.json").exists():  # name the run as the repository has it
             result = json.loads((target / "eval.json").read_text())
             result["run"] = str(target.relative_to(ROOT))

@@ -175,17 +175,21 @@ def importance_weighted_pg_loss(policy: GaussianPolicy, params, batch: Trajector
 
 
 def imitation_loss(policy: GaussianPolicy, params, observations: jax.Array,
-                   expert_actions: jax.Array, weights: jax.Array, kind: str = "mse"):
+                   expert_actions: jax.Array, weights: jax.Array, kind: str = "mse",
+                   std_penalty: float = 0.0):
     """GMPS's outer (imitation) loss on expert data:
 
-        mse: mean_{(s,a*)} ‖μ_θ'(s) − a*‖²        (the reference code's)
-        nll: − mean_{(s,a*)} log π_θ'(a*|s)       (the paper's)
+        mse: mean_{(s,a*)} ‖μ_θ'(s) − a*‖² + c · ‖σ_θ'(s)‖²   (the reference code's)
+        nll: − mean_{(s,a*)} log π_θ'(a*|s)                   (the paper's)
 
-    `weights` [D] masks padded entries (1 for real demonstrations).
+    c is `std_penalty`, the reference's `l2loss_std_mult` (its loss class defaults to 1,
+    its released launcher passes 0); it only enters the MSE, which otherwise never asks
+    for a narrower σ. `weights` [D] masks padded entries (1 for real demonstrations).
     """
     mean, log_std = policy.distribution(params, observations)
     if kind == "mse":
-        per_sample = jnp.sum((mean - expert_actions) ** 2, axis=-1)
+        per_sample = jnp.sum((mean - expert_actions) ** 2
+                             + std_penalty * jnp.exp(2.0 * log_std), axis=-1)
     else:
         per_sample = -gaussian_log_prob(mean, log_std, expert_actions)
     return masked_mean(per_sample, weights)

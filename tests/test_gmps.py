@@ -15,7 +15,7 @@ from metarl_jax.algorithms.common import (phase_returns, sample_adaptation_phase
                                           standard_advantages)
 from metarl_jax.demonstrations import (DaggerRing, append_to_ring, collect_demonstrations,
                                        expert_actions, load_demonstrations, save_demonstrations)
-from metarl_jax.losses import (importance_weighted_pg_loss, inner_update,
+from metarl_jax.losses import (imitation_loss, importance_weighted_pg_loss, inner_update,
                                log_likelihood_loss)
 from metarl_jax.policies import BiasTransformPolicy, GaussianPolicy, mlp_mean
 from metarl_jax.rollout import collect
@@ -147,8 +147,30 @@ def test_outer_gradient_reaches_step_sizes_and_log_std():
     nll = build(imitation="nll")
     grads = jax.grad(nll.outer_loss)(state.params, batch, observations, labels, weights)
     assert float(jnp.max(jnp.abs(grads["step_sizes"]["params"]["log_std"]))) > 0
+    # The reference's σ² term on the MSE (`l2loss_std_mult`) trains α_logσ too.
+    penalised = build(std_penalty=1.0)
+    grads = jax.grad(penalised.outer_loss)(state.params, batch, observations, labels, weights)
+    assert float(jnp.max(jnp.abs(grads["step_sizes"]["params"]["log_std"]))) > 0
     fixed = build(learned_step_sizes=False)
     assert set(fixed.init(jax.random.PRNGKey(0)).params) == {"policy"}
+
+
+def test_mse_imitation_loss_adds_the_reference_std_term():
+    policy = GaussianPolicy(2, 2, (4,), "tanh")
+    params = policy.init(jax.random.PRNGKey(0))
+    params["params"]["log_std"] = jnp.log(jnp.array([0.5, 2.0]))
+    observations = jax.random.normal(jax.random.PRNGKey(1), (6, 2))
+    labels = jnp.full((6, 2), 0.05)
+    weights = jnp.array([1, 1, 1, 1, 0, 0], jnp.float32)  # the last two are padding
+    mean, _ = policy.distribution(params, observations)
+    squared_error = np.sum((np.asarray(mean) - 0.05) ** 2, axis=-1)[:4].mean()
+    plain = imitation_loss(policy, params, observations, labels, weights, "mse")
+    penalised = imitation_loss(policy, params, observations, labels, weights, "mse", 3.0)
+    np.testing.assert_allclose(float(plain), squared_error, rtol=1e-5)
+    np.testing.assert_allclose(float(penalised), squared_error + 3.0 * (0.25 + 4.0), rtol=1e-5)
+    # The NLL trains σ itself and ignores the penalty.
+    assert float(imitation_loss(policy, params, observations, labels, weights, "nll", 3.0)) \
+        == float(imitation_loss(policy, params, observations, labels, weights, "nll"))
 
 
 def test_ring_buffer_keeps_its_bound_and_only_real_steps():

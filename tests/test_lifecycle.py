@@ -2,6 +2,8 @@
 
 import json
 import os
+import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,6 +22,7 @@ from metarl_jax.checkpoints import Checkpointer
 from metarl_jax.cli import EXIT_DIVERGED, main
 from metarl_jax.config import ConfigError
 
+REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = ["--set", "meta_batch_size=3", "--set", "episodes_per_task=3", "--set", "horizon=15",
         "--set", "hidden_sizes=[16, 16]"]
 TIMING_KEYS = {"time_s", "iteration_s"}
@@ -263,3 +266,36 @@ def test_iterations_per_call_must_divide_checkpoint_every():
     with pytest.raises(ConfigError, match="iterations_per_call: 7 does not divide "
                                           "checkpoint_every \\(50\\)"):
         tiny_config(iterations_per_call=7)
+
+
+def test_a_parked_checkpoint_continues_the_run_elsewhere(tmp_path):
+    """experiments/reproduce_summary.py keeps the newest checkpoint of an unfinished run
+    beside its committed summary; a copy of that summary, resumed, gives the run's own
+    numbers."""
+    sys.path.insert(0, str(REPO / "experiments"))
+    import reproduce_summary  # noqa: E402  (a script, not a package)
+
+    original = tmp_path / "runs" / "promp_seed0"
+    trainer.train(tiny_config(iterations=4, checkpoint_every=2), str(original), progress=False)
+    parked = tmp_path / "summary" / "promp_seed0"
+    parked.mkdir(parents=True)
+    reproduce_summary.park_checkpoint(original, parked)
+    assert not (parked / "checkpoints").exists()  # a finished run keeps no checkpoint
+
+    config = (original / "config.yaml").read_text()
+    (original / "config.yaml").write_text(config.replace("iterations: 4", "iterations: 6"))
+    reproduce_summary.park_checkpoint(original, parked)
+    assert [p.name for p in (parked / "checkpoints").iterdir()] == ["4"]  # the newest only
+
+    # What the reproduction script does on a fresh clone: the summary and the parked
+    # checkpoint as the run directory, then --resume.
+    moved = tmp_path / "fresh" / "promp_seed0"
+    moved.mkdir(parents=True)
+    (moved / "config.yaml").write_text(config)
+    # The summary's metrics may run past the checkpoint: resuming drops those records.
+    shutil.copy2(original / "metrics.jsonl", moved / "metrics.jsonl")
+    shutil.copytree(original / "checkpoints" / "2", moved / "checkpoints" / "2")
+    result = CliRunner().invoke(main, ["train", "--resume", str(moved), "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert without_timing(run_dir.read_metrics(str(moved))) == \
+        without_timing(run_dir.read_metrics(str(original)))

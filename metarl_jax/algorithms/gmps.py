@@ -79,6 +79,9 @@ class GMPSOptions:
     # Learned entries appended to the meta-policy's observation; 0: the plain MLP.
     bias_transform_size: int = field(4, **at_least(0))
     imitation: str = field("mse", **one_of("mse", "nll"))
+    # c ≥ 0: the MSE adds c·‖σ‖² of the adapted policy (the reference's `l2loss_std_mult`;
+    # its released launcher uses 0). Ignored by the NLL, which trains σ itself.
+    std_penalty: float = field(0.0, **at_least(0))
     imitation_steps: int = field(500, **at_least(1))
     # c > 1: the inner loss's importance weights π_θ/π_θinit clipped to [1/c, c] (the
     # reference's `clip0.5_2.0` weight modifier is c = 2); 0: unclipped, its default.
@@ -244,7 +247,7 @@ class GMPS(MetaLearner):
             adapted = inner_update(inner_loss, self.policy, params["policy"], task_batch,
                                    step_sizes)
             return imitation_loss(self.policy, adapted, observations, actions, weights,
-                                  self.config.gmps.imitation)
+                                  self.config.gmps.imitation, self.config.gmps.std_penalty)
 
         return jnp.mean(jax.vmap(task_loss)(batch, demo_observations, demo_actions,
                                             demo_weights))
