@@ -11,8 +11,10 @@ that reproduce_locomotion.sh can continue it on another machine or a fresh clone
 finished run's copy holds no checkpoint. Then it
 writes, from those copies, experiments/reproduce/TASK.md (one row per run and one per
 algorithm: the return at the paper's marks and over the last 10 iterations, the held-out
-adaptation) and docs/reproduction_TASK.png (post- and pre-update return against
-environment steps, the paper's values as black markers).
+adaptation), puts the same table into docs/reproduction.md between the task's
+`<!-- summary:TASK -->` markers (a new task's section goes before "What differs"), and
+draws docs/reproduction_TASK.png (post- and pre-update return against environment
+steps, the paper's values as black markers).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 RUNS = ROOT / "runs" / "reproduce"
 SUMMARIES = ROOT / "experiments" / "reproduce"
 FIGURES = ROOT / "docs"
+REPORT = ROOT / "docs" / "reproduction.md"
 SUMMARY_FILES = ("config.yaml", "metrics.jsonl", "eval.json")
 
 # The ProMP paper's Figure 2 (MuJoCo dynamics), read by eye, about ±10 %:
@@ -147,6 +150,23 @@ def task_table(task: str, rows: list[dict], marks: list[float]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def put_in_report(report: str, task: str, table: str) -> str:
+    """The report with the task's table (less its heading) between the task's markers; a
+    task without markers gets a section of its own before the "What differs" section."""
+    begin, end = f"<!-- summary:{task} -->", f"<!-- /summary:{task} -->"
+    body = table.split("\n", 1)[1].strip() if table.startswith("## ") else table.strip()
+    block = f"{begin}\n{body}\n{end}"
+    if begin in report and end in report:
+        head, rest = report.split(begin, 1)
+        return head + block + rest.split(end, 1)[1]
+    section = f"## {task}\n\n{block}\n\n"
+    anchor = "## What differs"
+    if anchor in report:
+        head, rest = report.split(anchor, 1)
+        return head + section + anchor + rest
+    return report.rstrip() + "\n\n" + section
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("tasks", nargs="*")
@@ -167,6 +187,7 @@ def main() -> None:
         reached = [m for m in marks if any(row["env_steps"] >= m for row in rows)]
         text = task_table(task, rows, marks)
         (SUMMARIES / f"{task}.md").write_text(text)
+        REPORT.write_text(put_in_report(REPORT.read_text(), task, text))
         print(text)
         references = [(steps, value, f"paper, {algo}")
                       for algo, points in PAPER.get(task, {}).items()

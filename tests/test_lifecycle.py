@@ -299,3 +299,21 @@ def test_a_parked_checkpoint_continues_the_run_elsewhere(tmp_path):
     assert result.exit_code == 0, result.output
     assert without_timing(run_dir.read_metrics(str(moved))) == \
         without_timing(run_dir.read_metrics(str(original)))
+
+
+def test_the_reproduction_report_takes_each_task_table_once():
+    """The summary script replaces a task's table in docs/reproduction.md between its
+    markers, and gives a task new to the report its own section before "What differs"."""
+    sys.path.insert(0, str(REPO / "experiments"))
+    import reproduce_summary  # noqa: E402
+
+    report = ("# Report\n\n## cheetah (long name)\n\n<!-- summary:cheetah -->\nold rows\n"
+              "<!-- /summary:cheetah -->\n\nprose\n\n## What differs\n\ntext\n")
+    updated = reproduce_summary.put_in_report(report, "cheetah", "## cheetah\n\nnew rows\n")
+    assert "old rows" not in updated and updated.count("new rows") == 1
+    assert "## cheetah (long name)" in updated and "prose" in updated
+    assert reproduce_summary.put_in_report(updated, "cheetah", "## cheetah\n\nnew rows\n") \
+        == updated
+    added = reproduce_summary.put_in_report(updated, "ant", "## ant\n\nant rows\n")
+    assert added.index("## ant\n") < added.index("ant rows") < added.index("## What differs")
+    assert added.index("prose") < added.index("## ant\n")
