@@ -9,6 +9,12 @@
 #   bash experiments/reproduce_locomotion.sh                    # every task, in order
 #   bash experiments/reproduce_locomotion.sh halfcheetah-dir    # one task
 #   ALGOS=promp SEEDS=0 bash experiments/reproduce_locomotion.sh halfcheetah-dir
+#   VARIANT=mjx ALGOS=promp SEEDS=0 bash experiments/reproduce_locomotion.sh halfcheetah-dir
+#
+# VARIANT trains the same runs changed in one respect, to tell what holds a curve back
+# (runs ALGO_VARIANT_seedS, beside the others in the tables): `mjx`, MuJoCo's own solver
+# (env.backend=mjx) on the same model; `small-batch`, the reduced batch M = 20, N = 10
+# with four times the iterations, so the same environment steps.
 #
 # Runs go to runs/reproduce/TASK/ALGO_seedS; each finished run is then evaluated on 40
 # held-out tasks with 0-3 adaptation steps (eval.json), and
@@ -25,6 +31,14 @@ SEEDS=${SEEDS:-0 1}
 # paper's 2.5e7 mark; the others as far as a 2-core CPU allows in a few hours each.
 declare -A ITERATIONS=([halfcheetah-dir]=160 [halfcheetah-vel]=160 [ant-dir]=100
                        [hopper-params]=100)
+VARIANT=${VARIANT:-}
+case "$VARIANT" in
+  "") SUFFIX=""; SCALE=1; VARIANT_ARGS=() ;;
+  mjx) SUFFIX="_mjx"; SCALE=1; VARIANT_ARGS=(--set env.backend=mjx) ;;
+  small-batch) SUFFIX="_small-batch"; SCALE=4
+    VARIANT_ARGS=(--set meta_batch_size=20 --set episodes_per_task=10) ;;
+  *) echo "VARIANT must be one of: mjx, small-batch (or unset), not '$VARIANT'" >&2; exit 2 ;;
+esac
 TASKS=("$@")
 [ ${#TASKS[@]} -eq 0 ] && TASKS=(halfcheetah-dir halfcheetah-vel ant-dir hopper-params)
 
@@ -57,8 +71,9 @@ train_run() {  # OUT ITERATIONS ARGS...: train, continue or skip one run
 for task in "${TASKS[@]}"; do
   for seed in $SEEDS; do
     for algo in $ALGOS; do
-      train_run "runs/reproduce/$task/${algo}_seed$seed" "${ITERATIONS[$task]}" \
-        --algo "$algo" --env "$task" --seed "$seed"
+      train_run "runs/reproduce/$task/${algo}${SUFFIX}_seed$seed" \
+        "$((ITERATIONS[$task] * SCALE))" --algo "$algo" --env "$task" --seed "$seed" \
+        "${VARIANT_ARGS[@]}"
     done
   done
 done
