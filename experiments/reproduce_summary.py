@@ -130,7 +130,9 @@ def task_table(task: str, rows: list[dict], marks: list[float]) -> str:
               f"{row['post_last'] - row['pre_last']:.1f} | {held_out} |")
     lines.append("")
     for algo in sorted({row["algo"] for row in rows}):
-        mine = [row for row in rows if row["algo"] == algo]
+        # Finished runs only (their eval.json exists): the last 10 iterations of a run
+        # still under way are from earlier in training and would pull the mean down.
+        mine = [row for row in rows if row["algo"] == algo and row["eval"] is not None]
         if len(mine) < 2:
             continue
         post = statistics.fmean(row["post_last"] for row in mine)

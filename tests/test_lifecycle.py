@@ -317,3 +317,25 @@ def test_the_reproduction_report_takes_each_task_table_once():
     added = reproduce_summary.put_in_report(updated, "ant", "## ant\n\nant rows\n")
     assert added.index("## ant\n") < added.index("ant rows") < added.index("## What differs")
     assert added.index("prose") < added.index("## ant\n")
+
+
+def test_the_reproduction_means_count_finished_runs_only():
+    """A seed still under way has no eval.json; its last 10 iterations are from earlier
+    in training, so the per-algorithm mean leaves it out until it finishes."""
+    sys.path.insert(0, str(REPO / "experiments"))
+    import reproduce_summary  # noqa: E402
+
+    def row(run, post, finished):
+        return {"run": run, "algo": run.split("_")[0], "iterations": 160 if finished else 79,
+                "env_steps": 1, "hours": 1.0, "at_marks": {}, "post_last": post,
+                "pre_last": 0.0,
+                "eval": {"return_mean": [0.0, 1.0, 2.0, 3.0]} if finished else None}
+
+    two_finished = reproduce_summary.task_table(
+        "cheetah", [row("promp_seed0", 170.0, True), row("promp_seed1", 150.0, True)], [])
+    assert "- promp, mean of 2 seeds: post 160.0" in two_finished
+    one_under_way = reproduce_summary.task_table(
+        "cheetah", [row("maml-trpo_seed0", 90.0, True), row("maml-trpo_seed1", 30.0, False)],
+        [])
+    assert "maml-trpo_seed1 | 79 |" in one_under_way  # the row is shown
+    assert "maml-trpo, mean of" not in one_under_way  # but not averaged
