@@ -94,6 +94,7 @@ class SamplingConfig:
     hidden_sizes: tuple[int, ...] = field((64, 64), **check(
         lambda v: len(v) >= 1 and all(w >= 1 for w in v), "a non-empty list of widths >= 1"))
     activation: str = field("tanh", **one_of("tanh", "relu"))  # hidden layers of the policy
+    init_std: float = field(1.0, **positive())  # the policy's σ before training (rllab's)
 
 
 # --- loading --------------------------------------------------------------------------

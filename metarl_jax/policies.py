@@ -54,13 +54,21 @@ class GaussianPolicy:
     # A floor under σ: the policy uses max(log_std, log min_std), as the reference
     # meta-policies do (their `min_std`); below it the parameter gets no gradient.
     min_std: float | None = None
+    # σ at initialisation (every entry of `log_std` starts at its log), as the reference
+    # policies' `init_std`.
+    init_std: float = 1.0
 
     @property
     def network(self) -> _GaussianMLP:
         return _GaussianMLP(tuple(self.hidden_sizes), self.action_size, self.activation)
 
     def init(self, key: jax.Array):
-        return self.network.init(key, jnp.zeros((self.observation_size,)))
+        params = self.network.init(key, jnp.zeros((self.observation_size,)))
+        return self._with_initial_std(params)
+
+    def _with_initial_std(self, params):
+        log_std = jnp.full((self.action_size,), math.log(self.init_std), jnp.float32)
+        return {"params": {**params["params"], "log_std": log_std}}
 
     def distribution(self, params, obs: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Returns (mean, log_std), each shaped like `obs[..., :action_size]`.
@@ -106,6 +114,7 @@ class BiasTransformPolicy(GaussianPolicy):
 
     def init(self, key: jax.Array):
         params = self.network.init(key, jnp.zeros((self.observation_size + self.bias_size,)))
+        params = self._with_initial_std(params)
         return {"params": {**params["params"],
                            "bias_transformation": jnp.full((self.bias_size,), self.bias_init,
                                                            jnp.float32)}}

@@ -156,6 +156,7 @@ def build(config: RunConfig):
     env = make_env(config.run.env.name, backend=config.run.env.backend,
                    horizon=config.algorithm.horizon)
     policy = GaussianPolicy(env.observation_size, env.action_size,
-                            tuple(config.algorithm.hidden_sizes), config.algorithm.activation)
+                            tuple(config.algorithm.hidden_sizes), config.algorithm.activation,
+                            init_std=config.algorithm.init_std)
     algorithm = ALGORITHMS[config.run.algo](config.algorithm, env, policy)
     return env, policy, algorithm

@@ -55,3 +55,28 @@ def test_only_the_cpu_gets_the_columnwise_output_layer(monkeypatch, backend, col
     dots = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "dot_general"]
     # One product for the hidden layer, then one per output unit or one for all.
     assert len(dots) == (1 + 2 if columnwise else 1 + 1)
+
+
+@pytest.mark.parametrize("algo", ["promp", "gmps"])
+def test_init_std_sets_the_initial_sigma_of_the_meta_policy(algo):
+    """`init_std` reaches the policy every algorithm trains (GMPS's bias-transformed one
+    included), and its default of 1 keeps log σ at exactly 0."""
+    from metarl_jax.run_config import build, resolve_config
+
+    for init_std, expected in ((0.5, np.log(0.5)), (1.0, 0.0)):
+        config = resolve_config({"algo": algo, "env": {"name": "point-nav"},
+                                 "init_std": init_std})
+        _, _, algorithm = build(config)
+        params = algorithm.policy.init(jax.random.PRNGKey(0))
+        np.testing.assert_array_equal(params["params"]["log_std"],
+                                      np.full((2,), expected, np.float32))
+        mean, log_std = algorithm.policy.distribution(params, jnp.zeros((2,)))
+        np.testing.assert_allclose(np.exp(log_std), init_std, rtol=1e-6)
+
+
+def test_init_std_must_be_positive():
+    from metarl_jax.config import ConfigError
+    from metarl_jax.run_config import resolve_config
+
+    with pytest.raises(ConfigError, match="init_std"):
+        resolve_config({"algo": "promp", "env": {"name": "point-nav"}, "init_std": 0.0})

@@ -142,6 +142,7 @@ class GMPS(MetaLearner):
         if g.bias_transform_size > 0:
             policy = BiasTransformPolicy(policy.observation_size, policy.action_size,
                                          tuple(policy.hidden_sizes), policy.activation,
+                                         init_std=policy.init_std,
                                          bias_size=g.bias_transform_size)
         policy = dataclasses.replace(policy, min_std=g.min_std)
         super().__init__(config, env, policy)
