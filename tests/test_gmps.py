@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from metarl_jax import run_config, run_dir
+from metarl_jax.config import ConfigError
 from metarl_jax.algorithms.common import (phase_returns, sample_adaptation_phases,
                                           standard_advantages)
 from metarl_jax.demonstrations import (DaggerRing, append_to_ring, collect_demonstrations,
@@ -218,6 +219,20 @@ def test_dagger_never_displaces_a_demonstration():
     np.testing.assert_allclose(np.asarray(labels[0, :10]),
                                np.tile([0.02 * task, -0.02 * task], (10, 1)), atol=1e-6)
     assert float(metrics["dagger_fill"]) == counts.mean()
+
+
+def test_dagger_aggregates_from_its_first_iteration_on():
+    algorithm = build(dagger_every=1, dagger_buffer_size=30, dagger_start=3)
+    state = with_synthetic_demos(algorithm, algorithm.init(jax.random.PRNGKey(0)))
+    step = jax.jit(algorithm.meta_iteration)
+    fills = []
+    for _ in range(3):
+        state, metrics = step(state)
+        fills.append(float(metrics["dagger_fill"]))
+    assert fills[:2] == [0.0, 0.0] and fills[2] > 0  # iterations 1 and 2: nothing
+    assert step._cache_size() == 1
+    with pytest.raises(ConfigError, match="gmps.dagger_start"):
+        build(dagger_start=3)  # without DAgger
 
 
 def test_returns_are_measured_by_meta_test_adaptation_from_theta():

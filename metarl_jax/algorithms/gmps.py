@@ -13,7 +13,7 @@ compiled `meta_iteration`, read top to bottom:
    step it is the plain PG step of step 1), then the imitation loss of θ'_i on that
    task's expert data; `imitation_steps` Adam steps on the same batch (a scan),
    differentiating through the inner step, θ, α and log σ all trained.
-3. DAgger, every `dagger_every` iterations: the states the adapted policies φ_i visited
+3. DAgger, every `dagger_every` iterations (from `dagger_start` on): the states the adapted policies φ_i visited
    in step 1 are labelled with the task's expert action and written to that task's
    DAgger buffer, a bounded ring beside its demonstrations (the demonstrations are never
    displaced). The outer loss sees both. Both live in the training state, so they are
@@ -87,6 +87,10 @@ class GMPSOptions:
     # reference's `clip0.5_2.0` weight modifier is c = 2); 0: unclipped, its default.
     importance_clip: float = field(0.0, **check(lambda v: v == 0 or v > 1, "0 or > 1"))
     dagger_every: int = field(0, **at_least(0))  # 0: no DAgger
+    # The first iteration whose adapted policies' states DAgger aggregates (a multiple
+    # of `dagger_every` from there on); until then the outer loss sees only the
+    # demonstrations. 0: from the first round, as the reference.
+    dagger_start: int = field(0, **at_least(0))
     demo_buffer_size: int = field(2000, **at_least(1))  # per task, >= its demonstrations
     dagger_buffer_size: int = field(2000, **at_least(1))  # DAgger states per task (a ring)
 
@@ -139,6 +143,9 @@ class GMPS(MetaLearner):
                               f"({config.gmps.num_train_tasks}) for gmps")
         env.check_training_task_count(config.gmps.num_train_tasks, "gmps.num_train_tasks")
         g = config.gmps
+        if g.dagger_start > 0 and g.dagger_every == 0:
+            raise ConfigError("config: gmps.dagger_start: needs DAgger on "
+                              "(gmps.dagger_every >= 1); it is 0")
         if g.bias_transform_size > 0:
             policy = BiasTransformPolicy(policy.observation_size, policy.action_size,
                                          tuple(policy.hidden_sizes), policy.activation,
@@ -304,7 +311,8 @@ class GMPS(MetaLearner):
                                         visited, self.action_bound)
                 return ring.append(task_ids, visited, labels, masks)
 
-            due = (state.iteration + 1) % g.dagger_every == 0
+            iteration = state.iteration + 1
+            due = (iteration % g.dagger_every == 0) & (iteration >= g.dagger_start)
             dagger = jax.lax.cond(due, aggregate, lambda ring: ring, dagger)
 
         metrics = {**phase_returns(pre_batches, post_batch),
