@@ -358,8 +358,9 @@ def variant_params(theta, step_i, name):
             "1.25x": lambda: minus(scale=1.25), "theta": lambda: theta}[name]()
 
 
-@jax.jit
-def field_near_goal(state):
+def iteration_batches(state):
+    """θ, α, the goals (indices and tasks) and θ's and φ's episodes of the iteration that `state` begins, drawn
+    with the keys `meta_iteration` uses."""
     theta = state.params["policy"]
     alpha = state.params["step_sizes"]
     _, choice_key, sample_key = jax.random.split(state.key, 3)
@@ -369,7 +370,13 @@ def field_near_goal(state):
     pre_batches, post_batch = sample_adaptation_phases(
         env, policy, c, theta, tasks, sample_key, inner_loss=log_likelihood_loss,
         inner_lr=alpha)
-    batch = jax.tree.map(lambda x: x[:, 0], pre_batches)
+    return (theta, alpha, task_ids, tasks, jax.tree.map(lambda x: x[:, 0], pre_batches),
+            post_batch)
+
+
+@jax.jit
+def field_near_goal(state):
+    theta, alpha, task_ids, tasks, batch, post_batch = iteration_batches(state)
     grads = jax.vmap(lambda b: jax.grad(lambda p: log_likelihood_loss(policy, p, b))(theta))(
         batch)
     steps = jax.tree.map(lambda a, g: a * g, alpha, grads)
@@ -436,16 +443,7 @@ for it in (96, 97):
 # ---- 4. raw (unclipped) mean change along the escape path, per parameter group ----------
 @jax.jit
 def along_path(state, task_id, points):
-    theta = state.params["policy"]
-    alpha = state.params["step_sizes"]
-    _, choice_key, sample_key = jax.random.split(state.key, 3)
-    task_ids = jax.random.choice(choice_key, c.gmps.num_train_tasks, (c.meta_batch_size,),
-                                 replace=False)
-    tasks = jax.tree.map(lambda x: x[task_ids], state.train_tasks)
-    pre_batches, _ = sample_adaptation_phases(
-        env, policy, c, theta, tasks, sample_key, inner_loss=log_likelihood_loss,
-        inner_lr=alpha)
-    batch = jax.tree.map(lambda x: x[:, 0], pre_batches)
+    theta, alpha, task_ids, _, batch, _ = iteration_batches(state)
     i = jnp.argmax(task_ids == task_id)
     b = jax.tree.map(lambda x: x[i], batch)
     g = jax.grad(lambda p: log_likelihood_loss(policy, p, b))(theta)
