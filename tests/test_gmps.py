@@ -5,6 +5,7 @@ and the compiled meta-iteration on a prepared state."""
 
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -233,6 +234,26 @@ def test_dagger_aggregates_from_its_first_iteration_on():
     assert step._cache_size() == 1
     with pytest.raises(ConfigError, match="gmps.dagger_start"):
         build(dagger_start=3)  # without DAgger
+
+
+def test_imitation_steps_switch_to_the_late_count_at_their_iteration():
+    scheduled = build(imitation_steps=1, imitation_steps_late=3, imitation_steps_switch=2)
+    early, late = build(imitation_steps=1), build(imitation_steps=3)
+    state = with_synthetic_demos(scheduled, scheduled.init(jax.random.PRNGKey(0)))
+    step = jax.jit(scheduled.meta_iteration)
+    first, _ = step(state)  # iteration 1: one step, as `early`
+    second, _ = step(first)  # iteration 2: three, as `late`
+    assert step._cache_size() == 1
+    chex.assert_trees_all_close(first.params, jax.jit(early.meta_iteration)(state)[0].params,
+                                rtol=1e-6, atol=1e-7)
+    chex.assert_trees_all_close(second.params, jax.jit(late.meta_iteration)(first)[0].params,
+                                rtol=1e-6, atol=1e-7)
+    # Three steps move θ further than one would have from the same state.
+    one_more = jax.jit(early.meta_iteration)(first)[0].params
+    assert not np.allclose(np.asarray(jax.tree.leaves(second.params)[0]),
+                           np.asarray(jax.tree.leaves(one_more)[0]))
+    with pytest.raises(ConfigError, match="gmps.imitation_steps_switch"):
+        build(imitation_steps_late=3)  # no iteration to switch at
 
 
 def test_returns_are_measured_by_meta_test_adaptation_from_theta():

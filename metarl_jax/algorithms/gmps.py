@@ -11,7 +11,8 @@ compiled `meta_iteration`, read top to bottom:
 2. The outer loss on θ's episodes of step 1: per task, θ'_i = θ − α ⊙ ∇L_in(θ) with the
    importance-weighted PG loss (π_θ/π_θinit, θ_init the sampling θ: at the first Adam
    step it is the plain PG step of step 1), then the imitation loss of θ'_i on that
-   task's expert data; `imitation_steps` Adam steps on the same batch (a scan),
+   task's expert data; `imitation_steps` Adam steps on the same batch (a scan; from
+   iteration `imitation_steps_switch` on, `imitation_steps_late` when set),
    differentiating through the inner step, θ, α and log σ all trained.
 3. DAgger, every `dagger_every` iterations (from `dagger_start` on): the states the adapted policies φ_i visited
    in step 1 are labelled with the task's expert action and written to that task's
@@ -83,6 +84,11 @@ class GMPSOptions:
     # its released launcher uses 0). Ignored by the NLL, which trains σ itself.
     std_penalty: float = field(0.0, **at_least(0))
     imitation_steps: int = field(500, **at_least(1))
+    # From iteration `imitation_steps_switch` on, `imitation_steps_late` Adam steps per
+    # iteration instead (0: `imitation_steps` throughout): many steps while the policy
+    # learns the basics, fewer once θ's drift over thousands of steps is the risk.
+    imitation_steps_late: int = field(0, **at_least(0))
+    imitation_steps_switch: int = field(0, **at_least(0))
     # c > 1: the inner loss's importance weights π_θ/π_θinit clipped to [1/c, c] (the
     # reference's `clip0.5_2.0` weight modifier is c = 2); 0: unclipped, its default.
     importance_clip: float = field(0.0, **check(lambda v: v == 0 or v > 1, "0 or > 1"))
@@ -146,6 +152,9 @@ class GMPS(MetaLearner):
         if g.dagger_start > 0 and g.dagger_every == 0:
             raise ConfigError("config: gmps.dagger_start: needs DAgger on "
                               "(gmps.dagger_every >= 1); it is 0")
+        if (g.imitation_steps_switch > 0) != (g.imitation_steps_late > 0):
+            raise ConfigError("config: gmps.imitation_steps_switch, gmps.imitation_steps_late:"
+                              " set both (an iteration >= 1 and a step count >= 1) or neither")
         if g.bias_transform_size > 0:
             policy = BiasTransformPolicy(policy.observation_size, policy.action_size,
                                          tuple(policy.hidden_sizes), policy.activation,
@@ -297,8 +306,20 @@ class GMPS(MetaLearner):
             updates, opt_state = self.optimizer.update(grads, opt_state, params)
             return (optax.apply_updates(params, updates), opt_state), loss
 
-        (params, opt_state), losses = jax.lax.scan(
-            imitation_step, (state.params, state.opt_state), None, length=g.imitation_steps)
+        def imitate(steps: int):
+            def run(carry):
+                (params, opt_state), losses = jax.lax.scan(imitation_step, carry, None,
+                                                           length=steps)
+                return params, opt_state, losses[0], losses[-1]
+            return run
+
+        carry = (state.params, state.opt_state)
+        if g.imitation_steps_late > 0:  # both lengths compiled; the iteration picks one
+            params, opt_state, first_loss, last_loss = jax.lax.cond(
+                state.iteration + 1 >= g.imitation_steps_switch,
+                imitate(g.imitation_steps_late), imitate(g.imitation_steps), carry)
+        else:
+            params, opt_state, first_loss, last_loss = imitate(g.imitation_steps)(carry)
 
         # 3. DAgger: the adapted policies' states, labelled by the experts, to the ring.
         dagger = state.dagger
@@ -316,7 +337,7 @@ class GMPS(MetaLearner):
             dagger = jax.lax.cond(due, aggregate, lambda ring: ring, dagger)
 
         metrics = {**phase_returns(pre_batches, post_batch),
-                   "imitation_loss_first": losses[0], "imitation_loss": losses[-1],
+                   "imitation_loss_first": first_loss, "imitation_loss": last_loss,
                    "dagger_fill": jnp.mean(dagger.counts.astype(jnp.float32)),
                    "policy_std": jnp.mean(jnp.exp(self.policy.log_std(params["policy"]))),
                    # How far the imitation steps moved θ from the policy that sampled.
