@@ -314,7 +314,9 @@ class GMPS(MetaLearner):
             return run
 
         carry = (state.params, state.opt_state)
-        if g.imitation_steps_late > 0:  # both lengths compiled; the iteration picks one
+        # Both lengths are compiled and the iteration picks one. Under a vmapped sweep
+        # (members batched on an accelerator) the predicate is batched, so both run.
+        if g.imitation_steps_late > 0:
             params, opt_state, first_loss, last_loss = jax.lax.cond(
                 state.iteration + 1 >= g.imitation_steps_switch,
                 imitate(g.imitation_steps_late), imitate(g.imitation_steps), carry)
