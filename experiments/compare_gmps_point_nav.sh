@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# GMPS (experts mode, 101 iterations) against ProMP (100 iterations) on point-nav, 3
-# seeds each, at the same 80,000 meta-training environment steps per iteration: the
+# GMPS (experts mode, 101 iterations, 160,000 meta-training environment steps per
+# iteration) against ProMP (100 iterations, 80,000) on point-nav, 3 seeds each: the
 # post-update return over iterations 80–100, the lowest 5-iteration moving average from
 # iteration 40 on, and the steps to reach a post-update return of −20 (5-iteration moving
 # average); the experts' own steps are reported apart. Reuses the ProMP runs of
