@@ -45,13 +45,14 @@ TASKS=("$@")
 train_run() {  # OUT ITERATIONS ARGS...: train, continue or skip one run
   local out=$1 iterations=$2
   shift 2
-  # A run interrupted elsewhere: its summary and last checkpoint were committed by
-  # reproduce_summary.py; continue from them.
+  # A run made elsewhere: its summary and newest checkpoint were committed by
+  # reproduce_summary.py; continue (or, if finished, keep) it from them.
   local parked=experiments/reproduce/${out#runs/reproduce/}
   if [ ! -d "$out/checkpoints" ] && [ -d "$parked/checkpoints" ]; then
-    echo "$out: continuing from $parked"
+    echo "$out: taken from $parked"
     mkdir -p "$out"
     cp -r "$parked/config.yaml" "$parked/metrics.jsonl" "$parked/checkpoints" "$out/"
+    if [ -f "$parked/eval.json" ]; then cp "$parked/eval.json" "$out/"; fi
   fi
   if [ -d "$out/checkpoints/$iterations" ]; then
     echo "$out: finished"

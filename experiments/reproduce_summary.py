@@ -5,16 +5,17 @@
 
 For each run in runs/reproduce/TASK/ALGO_seedS it first copies the run's summary
 (config.yaml, metrics.jsonl, eval.json) to experiments/reproduce/TASK/ALGO_seedS, which
-is committed, so the tables and figures can be redrawn without the checkpoints. Of a run
-not yet finished it copies its last checkpoint too (checkpoints/N, about 200 kB), so
-that reproduce_locomotion.sh can continue it on another machine or a fresh clone; a
-finished run's copy holds no checkpoint. Then it
+is committed, so the tables and figures can be redrawn without the run directories. It
+copies the run's newest checkpoint too (checkpoints/N, about 200 kB): of a run not yet
+finished, so that reproduce_locomotion.sh can continue it on another machine or a fresh
+clone; of a finished one, its final meta-policy, for `metarl eval` and
+experiments/halfcheetah_physics.py. Then it
 writes, from those copies, experiments/reproduce/TASK.md (one row per run and one per
 algorithm: the return at the paper's marks and over the last 10 iterations, the held-out
 adaptation), puts the same table into docs/reproduction.md between the task's
 `<!-- summary:TASK -->` markers (a new task's section goes before "What differs"), and
 draws docs/reproduction_TASK.png (post- and pre-update return against environment
-steps, the paper's values as black markers).
+steps, the paper's values as black markers; below, the policy's σ).
 """
 
 from __future__ import annotations
@@ -54,15 +55,12 @@ def last_checkpoint(run: pathlib.Path) -> pathlib.Path | None:
 
 
 def park_checkpoint(run: pathlib.Path, target: pathlib.Path) -> None:
-    """Keeps the newest checkpoint of an unfinished run beside its summary (and none of a
-    finished run), replacing any older copy."""
-    import yaml
-
-    total = yaml.safe_load((run / "config.yaml").read_text())["iterations"]
+    """Keeps the run's newest checkpoint beside its summary, replacing any older copy."""
     newest = last_checkpoint(run)
+    if newest is None:
+        return
     shutil.rmtree(target / "checkpoints", ignore_errors=True)
-    if newest is not None and int(newest.name) < total:
-        shutil.copytree(newest, target / "checkpoints" / newest.name)
+    shutil.copytree(newest, target / "checkpoints" / newest.name)
 
 
 def copy_summaries(task: str) -> None:
@@ -195,7 +193,8 @@ def main() -> None:
                       for algo, points in PAPER.get(task, {}).items()
                       for steps, value in points if steps in reached]
         figure = plot_runs([str(r) for r in runs], str(FIGURES / f"reproduction_{task}.png"),
-                           references=references, title=f"{task}, Brax generalized")
+                           references=references, title=f"{task}, Brax generalized",
+                            show_std=True)
         print(f"written: {figure}")
 
 

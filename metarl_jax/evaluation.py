@@ -33,18 +33,7 @@ def evaluate(run_dir: str, num_tasks: int = 40, adapt_steps: int | None = None,
     if num_tasks < 1 or adapt_steps < 0 or episodes < 1:
         raise ValueError("evaluate: need tasks >= 1, adapt steps >= 0, episodes >= 1")
     _, _, algorithm = build(config)
-    checkpointer = Checkpointer(os.path.join(run_dir, CHECKPOINT_DIR))
-    try:
-        template = algorithm.init(jax.random.PRNGKey(0))
-        if iteration is None:  # the newest intact one
-            found = checkpointer.restore_latest_intact(template)
-            if found is None:
-                raise FileNotFoundError(f"no checkpoint in {checkpointer.directory}")
-            iteration, state, host = found
-        else:
-            state, host = checkpointer.restore(template, iteration)
-    finally:
-        checkpointer.close()
+    iteration, state, host = restore_meta_state(run_dir, algorithm, iteration)
 
     key = jax.random.fold_in(jax.random.PRNGKey(seed), EVAL_STREAM)
     adapt = jax.jit(algorithm.adaptation_returns, static_argnums=(2, 3, 4))
@@ -64,6 +53,23 @@ def evaluate(run_dir: str, num_tasks: int = 40, adapt_steps: int | None = None,
         with open(os.path.join(run_dir, EVAL_FILE), "w") as f:
             json.dump(result, f, indent=2)
     return result
+
+
+def restore_meta_state(run_dir: str, algorithm, iteration: int | None = None):
+    """(iteration, state, host state) of the run's checkpoint at `iteration`, default the
+    newest intact one, restored into `algorithm`'s state layout."""
+    checkpointer = Checkpointer(os.path.join(run_dir, CHECKPOINT_DIR))
+    try:
+        template = algorithm.init(jax.random.PRNGKey(0))
+        if iteration is None:
+            found = checkpointer.restore_latest_intact(template)
+            if found is None:
+                raise FileNotFoundError(f"no checkpoint in {checkpointer.directory}")
+            return found
+        state, host = checkpointer.restore(template, iteration)
+        return iteration, state, host
+    finally:
+        checkpointer.close()
 
 
 def format_table(result: dict) -> str:

@@ -74,15 +74,20 @@ def expand_sweeps(run_dirs: list[str]) -> list[str]:
 
 
 def plot_runs(run_dirs: list[str], out: str, show_pre: bool = True,
-              references: list[tuple[float, float, str]] = (), title: str | None = None
-              ) -> str:
+              references: list[tuple[float, float, str]] = (), title: str | None = None,
+              show_std: bool = False) -> str:
     """Post-update (solid) and pre-update (dashed) return against environment steps:
     the mean over the seeds of each configuration, shaded between min and max.
 
     `references`: (env_steps, return, label) points drawn as black markers, such as a
-    paper's reported values."""
+    paper's reported values. `show_std`: a panel below with the policy's σ (the
+    `policy_std` metric, averaged over action dimensions) on the same steps."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    if show_std:
+        fig, (ax, std_ax) = plt.subplots(2, 1, figsize=(7, 6), dpi=120, sharex=True,
+                                         gridspec_kw={"height_ratios": [3, 1]})
+    else:
+        fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     groups = _group_runs(expand_sweeps(run_dirs))
     for color_index, group in enumerate(groups):
         color = f"C{color_index}"
@@ -101,10 +106,19 @@ def plot_runs(run_dirs: list[str], out: str, show_pre: bool = True,
             if len(curves) > 1:
                 ax.fill_between(steps, values.min(axis=0), values.max(axis=0), color=color,
                                 alpha=0.2, linewidth=0)
+        if show_std and all("policy_std" in r for c in curves for r in c[:length]):
+            sigma = np.array([[r["policy_std"] for r in c[:length]] for c in curves])
+            std_ax.plot(steps, sigma.mean(axis=0), color=color)
+            if len(curves) > 1:
+                std_ax.fill_between(steps, sigma.min(axis=0), sigma.max(axis=0), color=color,
+                                    alpha=0.2, linewidth=0)
     for marker, (steps, value, label) in zip("*^sDv", references):
         ax.plot([steps], [value], marker, color="black", markersize=9, label=label)
-    ax.set_xlabel("environment steps")
+    (std_ax if show_std else ax).set_xlabel("environment steps")
     ax.set_ylabel("mean episode return")
+    if show_std:
+        std_ax.set_ylabel("policy σ")
+        std_ax.grid(alpha=0.3)
     if title:
         ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)

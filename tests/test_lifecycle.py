@@ -269,9 +269,9 @@ def test_iterations_per_call_must_divide_checkpoint_every():
 
 
 def test_a_parked_checkpoint_continues_the_run_elsewhere(tmp_path):
-    """experiments/reproduce_summary.py keeps the newest checkpoint of an unfinished run
-    beside its committed summary; a copy of that summary, resumed, gives the run's own
-    numbers."""
+    """experiments/reproduce_summary.py keeps a run's newest checkpoint beside its
+    committed summary: of a finished run, the final meta-policy; of an unfinished one, a
+    copy that, resumed, gives the run's own numbers."""
     sys.path.insert(0, str(REPO / "experiments"))
     import reproduce_summary  # noqa: E402  (a script, not a package)
 
@@ -280,12 +280,22 @@ def test_a_parked_checkpoint_continues_the_run_elsewhere(tmp_path):
     parked = tmp_path / "summary" / "promp_seed0"
     parked.mkdir(parents=True)
     reproduce_summary.park_checkpoint(original, parked)
-    assert not (parked / "checkpoints").exists()  # a finished run keeps no checkpoint
+    assert [p.name for p in (parked / "checkpoints").iterdir()] == ["4"]  # the final one
+    template = run_config.build(tiny_config())[2].init(jax.random.PRNGKey(0))
+    restored = []
+    for directory in (parked, original):
+        checkpointer = Checkpointer(str(directory / "checkpoints"))
+        restored.append(checkpointer.restore(template, 4)[0].params)
+        checkpointer.close()
+    for a, b in zip(*map(jax.tree.leaves, restored)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    shutil.rmtree(parked / "checkpoints")
 
     config = (original / "config.yaml").read_text()
     (original / "config.yaml").write_text(config.replace("iterations: 4", "iterations: 6"))
+    (original / "checkpoints" / "4" / "_CHECKPOINT_METADATA").unlink()  # 4 incomplete
     reproduce_summary.park_checkpoint(original, parked)
-    assert [p.name for p in (parked / "checkpoints").iterdir()] == ["4"]  # the newest only
+    assert [p.name for p in (parked / "checkpoints").iterdir()] == ["2"]  # newest complete
 
     # What the reproduction script does on a fresh clone: the summary and the parked
     # checkpoint as the run directory, then --resume.

@@ -100,6 +100,12 @@ def test_each_member_equals_its_separate_run_and_resume_equals_uninterrupted(tmp
     figure = plotting.plot_runs([str(out)], str(tmp_path / "sweep.png"),
                                 references=[(400, -20.0, "a paper's value")], title="t")
     assert (tmp_path / "sweep.png").stat().st_size > 0 and figure.endswith("sweep.png")
+    with_std = plotting.plot_runs([str(out)], str(tmp_path / "sigma.png"), show_std=True)
+    import matplotlib.image
+
+    # The σ panel makes the figure taller: 6 inches against 4.5 at the same dpi.
+    assert matplotlib.image.imread(with_std).shape[0] == \
+        matplotlib.image.imread(figure).shape[0] * 6 // 4.5
 
 
 def test_a_diverging_member_stops_alone(tmp_path, capsys):
