@@ -66,8 +66,8 @@ def model_xml(full_contact: bool) -> str:
 
 
 def load(run_dir: str, physics: str = "generalized"):
-    """(config, algorithm, params) of the run's newest checkpoint, with its environment
-    running `physics`."""
+    """(config, algorithm, params, iteration) of the run's newest checkpoint, its
+    environment running `physics`."""
     config = load_run_config(run_dir)
     if not config.run.env.name.startswith("halfcheetah"):
         raise SystemExit(f"{run_dir}: a half-cheetah run is needed, not {config.run.env.name}")
@@ -113,7 +113,8 @@ def lowest_points(observations: np.ndarray):
 
     model = mujoco.MjModel.from_xml_string(model_xml(full_contact=False))
     data = mujoco.MjData(model)
-    capsules = [g for g in range(model.ngeom) if model.geom_type[g] == mujoco.mjtGeom.mjGEOM_CAPSULE]
+    capsule = mujoco.mjtGeom.mjGEOM_CAPSULE
+    capsules = [g for g in range(model.ngeom) if model.geom_type[g] == capsule]
     names = [mujoco.mj_id2name(model, mujoco.mjtObj.mjOBJ_GEOM, g) for g in capsules]
     radius = model.geom_size[capsules, 0]
     half_length = model.geom_size[capsules, 1]
@@ -127,10 +128,14 @@ def lowest_points(observations: np.ndarray):
     return heights, names
 
 
+def run_label(run_dir: str, config, iteration: int) -> str:
+    return f"{config.run.env.name} {os.path.basename(os.path.normpath(run_dir))} (it. {iteration})"
+
+
 def gait_table(runs: list[str], num_tasks: int, seed: int, max_states: int) -> str:
     lines = []
     for run_dir in runs:
-        _, algorithm, params, iteration = load(run_dir)
+        config, algorithm, params, iteration = load(run_dir)
         states = held_out_states(algorithm, params, num_tasks, seed)
         rng = np.random.default_rng(seed)
         for phase, name in enumerate(("before adaptation", "after one step")):
@@ -147,7 +152,7 @@ def gait_table(runs: list[str], num_tasks: int, seed: int, max_states: int) -> s
             passing = [i for i, g in enumerate(geoms) if g not in COLLIDING]
             deepest = max(0.0, -heights[:, passing].min())
             upside_down = (np.abs(obs[:, 1]) > math.pi / 2).mean()
-            label = f"{os.path.basename(os.path.normpath(run_dir))} (it. {iteration}), {name}"
+            label = f"{run_label(run_dir, config, iteration)}, {name}"
             lines.append(f"| {label} | {len(obs):,} | {' | '.join(cells)} | "
                          f"{100 * deepest:.1f} | {100 * upside_down:.1f} % |")
     lines.append("")
@@ -171,7 +176,7 @@ def physics_table(run_dir: str, physics: list[str], num_tasks: int, seed: int) -
         per_task = np.asarray(adapt(params, key))
         mean = per_task.mean(axis=0)
         stderr = per_task.std(axis=0, ddof=1) / math.sqrt(num_tasks)
-        label = f"{os.path.basename(os.path.normpath(run_dir))} (it. {iteration})"
+        label = run_label(run_dir, config, iteration)
         lines.append(f"| {label} | {name} | {mean[0]:.1f} ± {stderr[0]:.1f} | "
                      f"{mean[1]:.1f} ± {stderr[1]:.1f} |")
         print(lines[-1], flush=True)

@@ -399,3 +399,39 @@ def test_environments_doc_lists_every_task_with_its_sizes():
     assert documented == {r["name"]: (r["observation_size"], r["action_size"], r["horizon"])
                           for r in describe_envs()}
     assert all(f"`{backend}`" in text for backend in BRAX_BACKENDS)
+
+
+def test_halfcheetah_physics_check_measures_heights_as_brax_does():
+    """experiments/halfcheetah_physics.py reads geom heights from MuJoCo's kinematics of
+    an observation; Brax's own contact distances on the model with every geom colliding
+    give the same lowest points, and Brax's stock model collides exactly the geoms the
+    script names as colliding."""
+    import pathlib
+    import sys
+
+    from brax import contact, kinematics
+    from brax.io import mjcf
+
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "experiments"))
+    import halfcheetah_physics  # noqa: E402  (a script, not a package)
+
+    full = mjcf.loads(halfcheetah_physics.model_xml(full_contact=True))
+    stock = mjcf.loads(halfcheetah_physics.model_xml(full_contact=False))
+    # A crouched, pitched posture with the torso low: some geoms below the floor.
+    q = np.asarray(full.init_q).copy()
+    q[1:] = [-0.55, 0.4, 0.9, -0.7, 0.5, -0.8, 0.6, -0.4]
+    observation = np.concatenate([q[1:], np.zeros(full.qd_size())])
+    heights, names = halfcheetah_physics.lowest_points(observation[None])
+
+    def floor_distances(system):
+        # Brax makes two contacts per capsule and the floor (its end spheres), in geom
+        # order; a contact's distance is its sphere's height above the floor.
+        x, _ = kinematics.forward(system, jnp.asarray(q), jnp.zeros(system.qd_size()))
+        return np.asarray(contact.get(system, x).dist).reshape(-1, 2).min(axis=1)
+
+    brax_lowest = floor_distances(full)
+    np.testing.assert_allclose(heights[0], brax_lowest, atol=1e-5)
+    assert (heights[0] < 0).any() and (heights[0] > 0).any()
+
+    colliding = sorted(names.index(g) for g in halfcheetah_physics.COLLIDING)
+    np.testing.assert_allclose(floor_distances(stock), heights[0][colliding], atol=1e-5)
