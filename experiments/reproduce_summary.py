@@ -173,6 +173,8 @@ def main() -> None:
     args = parser.parse_args()
     tasks = args.tasks or sorted({p.name for p in list(RUNS.glob("*")) +
                                   list(SUMMARIES.glob("*")) if p.is_dir()})
+    import yaml
+
     from metarl_jax.plotting import plot_runs
 
     for task in tasks:
@@ -192,8 +194,11 @@ def main() -> None:
         references = [(steps, value, f"paper, {algo}")
                       for algo, points in PAPER.get(task, {}).items()
                       for steps, value in points if steps in reached]
+        backends = sorted({yaml.safe_load((run / "config.yaml").read_text())["env"]["backend"]
+                           for run in runs})
         figure = plot_runs([str(r) for r in runs], str(FIGURES / f"reproduction_{task}.png"),
-                           references=references, title=f"{task}, Brax generalized",
+                           references=references,
+                           title=f"{task}, Brax {' and '.join(backends)}",
                             show_std=True)
         print(f"written: {figure}")
 
