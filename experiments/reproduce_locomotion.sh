@@ -48,6 +48,12 @@ train_run() {  # OUT ITERATIONS ARGS...: train, continue or skip one run
   # A run made elsewhere: its summary and newest checkpoint were committed by
   # reproduce_summary.py; continue (or, if finished, keep) it from them.
   local parked=experiments/reproduce/${out#runs/reproduce/}
+  if [ ! -d "$out/checkpoints" ] && [ ! -d "$parked/checkpoints" ] \
+      && [ -f "$parked/eval.json" ]; then
+    # Finished and evaluated elsewhere, its final checkpoint not kept: nothing to redo.
+    echo "$out: finished (summary in $parked)"
+    return
+  fi
   if [ ! -d "$out/checkpoints" ] && [ -d "$parked/checkpoints" ]; then
     echo "$out: taken from $parked"
     mkdir -p "$out"
