@@ -199,7 +199,7 @@ def main() -> None:
         figure = plot_runs([str(r) for r in runs], str(FIGURES / f"reproduction_{task}.png"),
                            references=references,
                            title=f"{task}, Brax {' and '.join(backends)}",
-                            show_std=True)
+                           show_std=True)
         print(f"written: {figure}")
 
 
