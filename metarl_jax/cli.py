@@ -269,19 +269,21 @@ def plot(run_dirs, out_path, no_pre):
 
 @main.command()
 def envs():
-    """List every task distribution with its sizes, horizon and tasks."""
+    """List every task distribution with its sizes, horizon, default backend and tasks."""
     from metarl_jax.envs import BRAX_BACKENDS, describe_envs
 
     rows = describe_envs()
-    header = ("name", "obs", "act", "horizon", "body", "tasks")
+    header = ("name", "obs", "act", "horizon", "body", "backend", "tasks")
     table = [header] + [(r["name"], str(r["observation_size"]), str(r["action_size"]),
-                         str(r["horizon"]), r["body"], r["tasks"]) for r in rows]
-    widths = [max(len(row[i]) for row in table) for i in range(5)]
+                         str(r["horizon"]), r["body"], r["backend"], r["tasks"])
+                        for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(6)]
     for row in table:
         click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths))
-                   + "  " + row[5])
-    click.echo(f"\nBrax backends (env.backend): {', '.join(BRAX_BACKENDS)}; a task of your "
-               "own: --env module:attribute (docs/custom_tasks.md)")
+                   + "  " + row[6])
+    click.echo(f"\nBrax backends (env.backend): {', '.join(BRAX_BACKENDS)}; the backend "
+               "column is each task's default. A task of your own: --env module:attribute "
+               "(docs/custom_tasks.md)")
 
 
 @main.command()

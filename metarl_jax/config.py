@@ -68,7 +68,8 @@ def field(default, **metadata):
 
 
 # The Brax physics pipelines a Brax task can run on (`env.backend`); the first is the
-# default and the one the published settings use. Pure-JAX tasks ignore the backend.
+# default of a Brax task that names none of its own (`BraxTaskEnv.default_backend`).
+# Pure-JAX tasks ignore the backend.
 BRAX_BACKENDS = ("generalized", "positional", "spring", "mjx")
 
 
@@ -76,7 +77,8 @@ BRAX_BACKENDS = ("generalized", "positional", "spring", "mjx")
 class EnvConfig:
     # A registered task (`metarl envs`) or `module:attribute` naming a task of your own.
     name: str = "point-nav"
-    backend: str = field(BRAX_BACKENDS[0], **one_of(*BRAX_BACKENDS))
+    # None: the task's own default, filled in when the configuration is resolved.
+    backend: str | None = field(None, **one_of(*BRAX_BACKENDS))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -107,7 +107,8 @@ def resolve_config(raw: dict) -> RunConfig:
     """Validates a flat configuration dict and fills every default.
 
     Precedence, lowest first: the algorithm's defaults; the task's published setting
-    (`published_setting`; its horizon when `horizon` is null); `DEFAULT_EXPERIMENT` when
+    (`published_setting`; its horizon when `horizon` is null, its default backend when
+    `env.backend` is null); `DEFAULT_EXPERIMENT` when
     `raw` names neither `algo` nor `env.name`; `raw` itself (the config file, the
     command-line flags and `--set`, merged in that order by the caller).
 
@@ -148,6 +149,8 @@ def resolve_config(raw: dict) -> RunConfig:
                             {k: v for k, v in raw.items() if k not in run_keys})
     if hyper.horizon is None:
         hyper = dataclasses.replace(hyper, horizon=task.horizon)
+    if run.env.backend is None:
+        run = dataclasses.replace(run, env=dataclasses.replace(run.env, backend=task.backend))
     return RunConfig(run=run, algorithm=hyper)
 
 

@@ -154,8 +154,14 @@ def test_envs_lists_every_environment():
     table, footer = result.output.strip().split("\n\n")
     lines = table.splitlines()
     assert lines[0].split()[:4] == ["name", "obs", "act", "horizon"]
-    assert lines[0].split()[4:] == ["body", "tasks"]
+    assert lines[0].split()[4:] == ["body", "backend", "tasks"]
     rows = {line.split()[0]: line.split()[1:5] for line in lines[1:]}
+    # The default physics: MuJoCo's solver where it is also the fastest on a CPU (the
+    # ant, the humanoid), Brax's generalized pipeline on the planar bodies.
+    backends = {line.split()[0]: line.split()[5] for line in lines[1:]
+                if "pure JAX" not in line}
+    assert backends == {name: "mjx" if name.startswith(("ant", "humanoid")) else "generalized"
+                        for name in ENVIRONMENTS if name != "point-nav"}
     assert list(rows) == sorted(ENVIRONMENTS)
     assert rows == {
         "point-nav": ["2", "2", "100", "pure"],
@@ -231,6 +237,20 @@ def test_published_setting_of_every_task(algo, env_name):
         assert (c.averaging, c.kl_direction) == ("steps", "old_new")
     else:
         assert (c.outer_lr, c.first_order) == (1e-3, False)
+
+
+def test_the_backend_is_the_tasks_default_unless_one_is_named():
+    resolve = run_config.resolve_config
+    assert resolve({"env": {"name": "ant-dir"}}).run.env.backend == "mjx"
+    assert resolve({"env": {"name": "humanoid-dir"}}).run.env.backend == "mjx"
+    assert resolve({"env": {"name": "halfcheetah-dir"}}).run.env.backend == "generalized"
+    assert resolve({"env": {"name": "point-nav"}}).run.env.backend == "generalized"
+    assert resolve({"env": {"name": "ant-dir", "backend": "generalized"}}).run.env.backend \
+        == "generalized"
+    # Written out resolved, so a resumed run keeps its physics if a default changes.
+    result = run_cli("train", "--env", "ant-dir", "--print-config")
+    assert result.exit_code == 0 and yaml.safe_load(result.output)["env"] == {
+        "name": "ant-dir", "backend": "mjx"}
 
 
 @pytest.mark.parametrize("env_name", sorted(GMPS_SETTING_OF))

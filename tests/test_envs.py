@@ -213,13 +213,14 @@ def _ctrl(actions):
     return np.sum(_env_action(actions) ** 2, axis=-1)
 
 
-def test_brax_envs_use_generalized_backend_and_shapes():
+def test_brax_envs_take_their_default_backend_unless_one_is_named():
     env = make_env("halfcheetah-dir")
-    assert env.backend == "generalized"
+    assert env.backend == "generalized" and env.brax_env.backend == "generalized"
     assert (env.observation_size, env.action_size) == (17, 6)
     ant = make_env("ant-dir")
-    assert ant.backend == "generalized"
-    assert ant.action_size == 8
+    assert ant.backend == "mjx" and ant.brax_env.backend == "mjx"
+    assert (ant.observation_size, ant.action_size) == (27, 8)
+    assert make_env("ant-dir", backend="generalized").brax_env.backend == "generalized"
 
 
 def test_halfcheetah_dir_reward(cheetah_dir):
@@ -380,7 +381,10 @@ def test_one_list_of_brax_backends():
     from metarl_jax.envs import locomotion
 
     assert locomotion.BRAX_BACKENDS is BRAX_BACKENDS
-    assert EnvConfig().backend == BRAX_BACKENDS[0] == "generalized"
+    # No backend named: the task's own default, filled in when a config is resolved;
+    # a Brax task that declares none takes the first.
+    assert EnvConfig().backend is None and BRAX_BACKENDS[0] == "generalized"
+    assert locomotion.BraxTaskEnv.default_backend == BRAX_BACKENDS[0]
     with pytest.raises(ConfigError, match="env.backend: 'warp' not allowed; expected one of "
                                           + ", ".join(BRAX_BACKENDS)):
         build_dataclass(EnvConfig, {"backend": "warp"}, "env.")

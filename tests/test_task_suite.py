@@ -120,9 +120,11 @@ def test_ant_dir2d_reward(ant_dir2d):
 
 @pytest.fixture(scope="module")
 def ant_goals():
-    goal_env = make_env("ant-goal")
-    ring = make_env("ant-goal-ring")
-    sparse = make_env("ant-goal-ring-sparse")
+    # On `generalized`, where the ant moves less than 0.15 in these few steps, so that
+    # which goals lie inside the sparse reward's disc is known (the GMPS ring's physics).
+    goal_env = make_env("ant-goal", backend="generalized")
+    ring = make_env("ant-goal-ring", backend="generalized")
+    sparse = make_env("ant-goal-ring-sparse", backend="generalized")
     goals = np.array([[1.0, -2.0], [0.0, 0.0], [-0.5, 0.25]], np.float32)
     # The ring goals: one the ant cannot reach in a few steps, and, for the sparse reward,
     # off-ring goals on either side of the 0.8 radius around the start.
@@ -178,8 +180,9 @@ def test_ant_goal_ring_dense_and_sparse_rewards(ant_goals):
 @pytest.fixture(scope="module")
 def ant_ring():
     """The dense ring driven by raw actions of up to ±2.5 (the ring's box is ±1), and
-    steps from torso heights inside and outside [0.2, 1.0]."""
-    ring = make_env("ant-goal-ring")
+    steps from torso heights inside and outside [0.2, 1.0], on `generalized` (the GMPS
+    ring's physics)."""
+    ring = make_env("ant-goal-ring", backend="generalized")
     goals = np.array([[2.0, 0.0], [0.1, 0.1]], np.float32)
     actions = _actions(ring.action_size) / 8.0
     run = _drive(ring, {"goal": jnp.asarray(goals)}, actions)

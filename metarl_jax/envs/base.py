@@ -128,6 +128,7 @@ def describe(env: TaskEnv | type[TaskEnv]) -> dict:
         "action_size": env.action_size,
         "horizon": env.horizon,
         "body": getattr(env, "brax_name", "pure JAX"),
+        "backend": getattr(env, "default_backend", "-"),
         "tasks": getattr(env, "task_distribution", ""),
     }
 

@@ -87,8 +87,13 @@ class BraxTaskEnv(TaskEnv):
     # Constructor options of the Brax environment, as (name, value) pairs.
     brax_options: tuple = ()
     action_scale = 10.0
+    # The physics pipeline when `env.backend` names none: the faster of the two that
+    # solve the dynamics as MuJoCo's equations state them, on a CPU (`generalized` for
+    # the planar bodies, `mjx` for the ant and the humanoid; docs/environments.md).
+    default_backend = BRAX_BACKENDS[0]
 
-    def __init__(self, backend: str = "generalized", horizon: int | None = None):
+    def __init__(self, backend: str | None = None, horizon: int | None = None):
+        backend = self.default_backend if backend is None else backend
         if backend not in BRAX_BACKENDS:
             raise ValueError(f"env.backend: unknown Brax backend {backend!r}; "
                              f"allowed: {', '.join(BRAX_BACKENDS)}")
@@ -181,6 +186,7 @@ class AntDirection(BraxTaskEnv):
     observation_size = 27
     action_size = 8
     brax_name = "ant"
+    default_backend = "mjx"
     horizon = 100
     task_distribution = ("direction d in {-1, +1}; reward d*v_x - 0.5||a||^2 - contact + 1; "
                          "terminates when unhealthy")
@@ -239,6 +245,7 @@ class AntGoal(BraxTaskEnv):
     observation_size = 29
     action_size = 8
     brax_name = "ant"
+    default_backend = "mjx"
     brax_options = (("exclude_current_positions_from_observation", False),)
     horizon = 200
     task_distribution = ("goal in the disc of radius 3 (angle U[0, 2pi), r = 3 sqrt(U)); "
@@ -286,6 +293,7 @@ class AntGoalRing(BraxTaskEnv):
     observation_size = 29
     action_size = 8
     brax_name = "ant"
+    default_backend = "mjx"
     healthy_z_range = (0.2, 1.0)
     brax_options = (("exclude_current_positions_from_observation", False),
                     ("healthy_z_range", healthy_z_range), ("terminate_when_unhealthy", True))
@@ -477,6 +485,7 @@ class HumanoidDirection(BraxTaskEnv):
     observation_size = 244
     action_size = 17
     brax_name = "humanoid"
+    default_backend = "mjx"
     horizon = 200
     task_distribution = ("direction d in {-1, +1}; reward 1.25 d*v_com,x - 0.1||ctrl||^2 "
                          "+ 5; terminates when unhealthy")

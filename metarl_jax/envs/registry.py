@@ -25,7 +25,7 @@ import dataclasses
 import inspect
 from typing import Callable
 
-from metarl_jax.config import ConfigError
+from metarl_jax.config import BRAX_BACKENDS, ConfigError
 from metarl_jax.envs.base import TaskEnv, describe
 
 ENVIRONMENTS: dict[str, type[TaskEnv]] = {}
@@ -73,6 +73,8 @@ class TaskSpec:
     Attributes:
       name: the registered name or the import path, as given.
       horizon: the default episode length (the task's published setting's).
+      backend: the Brax backend used when `env.backend` names none (a pure-JAX task
+        ignores it).
       build: builds the task distribution; options `backend` and `horizon` (None: the
         default), each passed on only where the constructor takes it.
       registered: False for a task given by import path.
@@ -80,6 +82,7 @@ class TaskSpec:
 
     name: str
     horizon: int
+    backend: str
     build: Callable[..., TaskEnv]
     registered: bool
 
@@ -99,17 +102,23 @@ def lookup(name) -> TaskSpec:
     """
     if isinstance(name, str) and name in ENVIRONMENTS:
         cls = ENVIRONMENTS[name]
-        return TaskSpec(name=name, horizon=cls.horizon,
+        return TaskSpec(name=name, horizon=cls.horizon, backend=default_backend(cls),
                         build=lambda **options: construct(cls, options), registered=True)
     if isinstance(name, str) and ":" in name:
         from metarl_jax.envs import custom
 
         factory = custom.load(name)
         default = custom.build(name, factory, {})
-        return TaskSpec(name=name, horizon=default.horizon,
+        return TaskSpec(name=name, horizon=default.horizon, backend=default_backend(default),
                         build=lambda **options: custom.build(name, factory, options),
                         registered=False)
     raise unknown_environment(name)
+
+
+def default_backend(env: TaskEnv | type[TaskEnv]) -> str:
+    """The backend a task runs on when none is named: its `default_backend`, or the first
+    of BRAX_BACKENDS for a task that declares none (pure-JAX tasks ignore it)."""
+    return getattr(env, "default_backend", BRAX_BACKENDS[0])
 
 
 def construct(factory: Callable[..., TaskEnv], options: dict) -> TaskEnv:
