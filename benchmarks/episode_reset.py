@@ -38,7 +38,7 @@ def phase_program(env, policy, params, num_tasks: int, lanes: int, horizon: int)
     return sample
 
 
-def bench_task(name: str, backend: str, num_tasks: int, lanes: int, horizon: int,
+def bench_task(name: str, backend: str | None, num_tasks: int, lanes: int, horizon: int,
                rounds: int) -> list[dict]:
     env = make_env(name, backend=backend, horizon=horizon)
     idle_env = copy.copy(env)
@@ -55,7 +55,7 @@ def bench_task(name: str, backend: str, num_tasks: int, lanes: int, horizon: int
     rows = []
     for form in programs:
         transitions, episodes = (float(x) for x in outputs[form])
-        rows.append(dict(task=name, backend=backend, form=form, budget=num_tasks * lanes * horizon,
+        rows.append(dict(task=name, backend=env.backend, form=form, budget=num_tasks * lanes * horizon,
                          transitions=transitions, episodes=episodes,
                          seconds=statistics.median(seconds[form])))
     return rows
@@ -75,7 +75,8 @@ def format_table(rows: list[dict]) -> str:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", nargs="+", default=["walker-dir", "ant-dir"])
-    parser.add_argument("--backend", default="generalized")
+    parser.add_argument("--backend", default=None,
+                        help="Brax backend (default: each task's own)")
     parser.add_argument("--tasks-per-phase", type=int, default=10)
     parser.add_argument("--envs", type=int, default=10, help="lanes per task (N)")
     parser.add_argument("--horizon", type=int, default=200)

@@ -68,7 +68,7 @@ def append_results(title: str, method: str, table: str, path=RESULTS) -> None:
 
 
 def build_algorithm(algo: str, env_name: str, meta_batch: int, episodes: int, horizon: int,
-                    backend: str = "generalized"):
+                    backend: str | None = None):
     """(env, policy, algorithm) of one algorithm at one batch, built as `metarl train`
     builds them."""
     config = run_config.resolve_config({

@@ -79,6 +79,11 @@ train_run() {  # OUT ITERATIONS ARGS...: train, continue or skip one run
 }
 
 for task in "${TASKS[@]}"; do
+  if [ "$VARIANT" = mjx ] && "$METARL" train --env "$task" --print-config 2>/dev/null \
+      | grep -q "backend: mjx"; then
+    echo "$task: runs on mjx by default; VARIANT=mjx would repeat its runs, skipped"
+    continue
+  fi
   for seed in $SEEDS; do
     for algo in $ALGOS; do
       train_run "runs/reproduce/$task/${algo}${SUFFIX}_seed$seed" \

@@ -157,11 +157,13 @@ def test_envs_lists_every_environment():
     assert lines[0].split()[4:] == ["body", "backend", "tasks"]
     rows = {line.split()[0]: line.split()[1:5] for line in lines[1:]}
     # The default physics: MuJoCo's solver where it is also the fastest on a CPU (the
-    # ant, the humanoid), Brax's generalized pipeline on the planar bodies.
+    # ant, the humanoid), Brax's generalized pipeline on the planar bodies and on GMPS's
+    # ant ring (where its experiments were made).
     backends = {line.split()[0]: line.split()[5] for line in lines[1:]
                 if "pure JAX" not in line}
-    assert backends == {name: "mjx" if name.startswith(("ant", "humanoid")) else "generalized"
-                        for name in ENVIRONMENTS if name != "point-nav"}
+    assert backends == {
+        name: "mjx" if name.startswith(("ant", "humanoid")) and "ring" not in name
+        else "generalized" for name in ENVIRONMENTS if name != "point-nav"}
     assert list(rows) == sorted(ENVIRONMENTS)
     assert rows == {
         "point-nav": ["2", "2", "100", "pure"],
@@ -245,6 +247,8 @@ def test_the_backend_is_the_tasks_default_unless_one_is_named():
     assert resolve({"env": {"name": "humanoid-dir"}}).run.env.backend == "mjx"
     assert resolve({"env": {"name": "halfcheetah-dir"}}).run.env.backend == "generalized"
     assert resolve({"env": {"name": "point-nav"}}).run.env.backend == "generalized"
+    assert resolve({"algo": "gmps", "env": {"name": "ant-goal-ring"}}).run.env.backend \
+        == "generalized"
     assert resolve({"env": {"name": "ant-dir", "backend": "generalized"}}).run.env.backend \
         == "generalized"
     # Written out resolved, so a resumed run keeps its physics if a default changes.

@@ -214,13 +214,20 @@ def _ctrl(actions):
 
 
 def test_brax_envs_take_their_default_backend_unless_one_is_named():
+    from metarl_jax.envs.base import describe
+    from metarl_jax.envs.locomotion import AntDirection
+
     env = make_env("halfcheetah-dir")
     assert env.backend == "generalized" and env.brax_env.backend == "generalized"
     assert (env.observation_size, env.action_size) == (17, 6)
     ant = make_env("ant-dir")
     assert ant.backend == "mjx" and ant.brax_env.backend == "mjx"
     assert (ant.observation_size, ant.action_size) == (27, 8)
-    assert make_env("ant-dir", backend="generalized").brax_env.backend == "generalized"
+    generalized_ant = make_env("ant-dir", backend="generalized")
+    assert generalized_ant.brax_env.backend == "generalized"
+    # `metarl envs` lists the class's default; a built env describes what it runs on.
+    assert (describe(AntDirection)["backend"], ant.describe()["backend"],
+            generalized_ant.describe()["backend"]) == ("mjx", "mjx", "generalized")
 
 
 def test_halfcheetah_dir_reward(cheetah_dir):

@@ -520,9 +520,10 @@ def test_a_fallen_lane_continues_with_a_fresh_episode_and_its_returns_restart():
 # ---------------------------------------------------------------------------------------
 
 BRAX_TASKS = [name for name in env_names() if name != "point-nav"]
-# One compiled iteration per body (ant-dir's runs through the CLI instead, test_cli.py,
-# with the same checks); the other tasks of a body share its physics, and their steps are
-# compiled by the reward tests above, so their iteration is traced, not compiled.
+# One compiled iteration per body and default backend (ant-dir's, on mjx, runs through
+# the CLI instead, test_cli.py, with the same checks; the ant ring's here is on
+# generalized); the other tasks share one of these, and their steps are compiled by the
+# reward tests above, so their iteration is traced, not compiled.
 COMPILED_HERE = ["ant-goal-ring", "halfcheetah-vel", "hopper-params", "humanoid-dir",
                  "walker-dir"]
 

@@ -128,7 +128,8 @@ def describe(env: TaskEnv | type[TaskEnv]) -> dict:
         "action_size": env.action_size,
         "horizon": env.horizon,
         "body": getattr(env, "brax_name", "pure JAX"),
-        "backend": getattr(env, "default_backend", "-"),
+        # a built env: the backend it runs on; a class: the one it runs on by default
+        "backend": getattr(env, "backend", None) or getattr(env, "default_backend", "-"),
         "tasks": getattr(env, "task_distribution", ""),
     }
 

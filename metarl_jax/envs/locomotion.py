@@ -87,9 +87,9 @@ class BraxTaskEnv(TaskEnv):
     # Constructor options of the Brax environment, as (name, value) pairs.
     brax_options: tuple = ()
     action_scale = 10.0
-    # The physics pipeline when `env.backend` names none: the faster of the two that
-    # solve the dynamics as MuJoCo's equations state them, on a CPU (`generalized` for
-    # the planar bodies, `mjx` for the ant and the humanoid; docs/environments.md).
+    # The physics pipeline when `env.backend` names none: of the two that solve MuJoCo's
+    # equations of motion, the faster on a CPU (`generalized` for the planar bodies,
+    # `mjx` for the ant and the humanoid; docs/environments.md).
     default_backend = BRAX_BACKENDS[0]
 
     def __init__(self, backend: str | None = None, horizon: int | None = None):
@@ -293,7 +293,9 @@ class AntGoalRing(BraxTaskEnv):
     observation_size = 29
     action_size = 8
     brax_name = "ant"
-    default_backend = "mjx"
+    # GMPS's ring experiments (experts, demonstrations, meta-training) were made
+    # on `generalized`; the ring keeps it so that they repeat.
+    default_backend = "generalized"
     healthy_z_range = (0.2, 1.0)
     brax_options = (("exclude_current_positions_from_observation", False),
                     ("healthy_z_range", healthy_z_range), ("terminate_when_unhealthy", True))

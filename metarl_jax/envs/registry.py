@@ -116,9 +116,11 @@ def lookup(name) -> TaskSpec:
 
 
 def default_backend(env: TaskEnv | type[TaskEnv]) -> str:
-    """The backend a task runs on when none is named: its `default_backend`, or the first
-    of BRAX_BACKENDS for a task that declares none (pure-JAX tasks ignore it)."""
-    return getattr(env, "default_backend", BRAX_BACKENDS[0])
+    """The backend a task runs on when none is named: the one a task built with its
+    default options runs on, else its class's `default_backend`, else the first of
+    BRAX_BACKENDS (pure-JAX tasks ignore it)."""
+    return (getattr(env, "backend", None) or getattr(env, "default_backend", None)
+            or BRAX_BACKENDS[0])
 
 
 def construct(factory: Callable[..., TaskEnv], options: dict) -> TaskEnv:
@@ -150,8 +152,9 @@ def construct(factory: Callable[..., TaskEnv], options: dict) -> TaskEnv:
 def make_env(name: str, **options) -> TaskEnv:
     """Builds the task distribution `name` (registered, or `module:attribute`).
 
-    Options: `backend` (Brax tasks: one of BRAX_BACKENDS; ignored by pure-JAX tasks) and
-    `horizon` (defaults to the published setting's).
+    Options: `backend` (Brax tasks: one of BRAX_BACKENDS, by default the task's
+    `default_backend`; ignored by pure-JAX tasks) and `horizon` (defaults to the
+    published setting's).
     """
     if isinstance(name, str) and ":" in name and name not in ENVIRONMENTS:
         from metarl_jax.envs import custom
@@ -161,6 +164,6 @@ def make_env(name: str, **options) -> TaskEnv:
 
 
 def describe_envs() -> list[dict]:
-    """One row per registered task (name, sizes, horizon, body, tasks), read from the
-    classes' declarations: no model is built."""
+    """One row per registered task (name, sizes, horizon, body, default backend, tasks),
+    read from the classes' declarations: no model is built."""
     return [describe(ENVIRONMENTS[name]) for name in env_names()]
