@@ -55,7 +55,8 @@ def bench_task(name: str, backend: str | None, num_tasks: int, lanes: int, horiz
     rows = []
     for form in programs:
         transitions, episodes = (float(x) for x in outputs[form])
-        rows.append(dict(task=name, backend=env.backend, form=form, budget=num_tasks * lanes * horizon,
+        rows.append(dict(task=name, backend=env.backend, form=form,
+                         budget=num_tasks * lanes * horizon,
                          transitions=transitions, episodes=episodes,
                          seconds=statistics.median(seconds[form])))
     return rows
