@@ -11,6 +11,8 @@ File format (version 1); T tasks, D steps per task (the largest count, see `coun
 
     format_version       int, 0-d           1 (optional on load; any other value is refused)
     env                  str, 0-d           environment name, e.g. "point-nav"
+    backend              str, 0-d           optional: the Brax backend the experts ran on;
+                                            a Brax task on another backend refuses the file
     observations         float32 [T, D, O]  states visited by expert i on task i
     actions              float32 [T, D, A]  the expert's action label at those states, in
                                             the policy's raw action space (before any env
@@ -188,9 +190,11 @@ def _flatten(prefix: str, tree) -> dict[str, np.ndarray]:
 
 def save_demonstrations(path, env_name: str, tasks, observations, actions, counts,
                         expert_params=None, hidden_sizes: Sequence[int] | None = None,
-                        expert_env_steps: int = 0, activation: str = "tanh") -> str:
+                        expert_env_steps: int = 0, activation: str = "tanh",
+                        backend: str | None = None) -> str:
     """Writes the demonstrations file (format in the module docstring) to exactly `path`
-    (no ".npz" is appended), atomically. Returns the path."""
+    (no ".npz" is appended), atomically; `backend` (a Brax task's physics) is recorded
+    when given. Returns the path."""
     arrays = {
         "format_version": np.asarray(FORMAT_VERSION, np.int64),
         "env": np.asarray(str(env_name)),
@@ -200,6 +204,8 @@ def save_demonstrations(path, env_name: str, tasks, observations, actions, count
         "expert_env_steps": np.asarray(int(expert_env_steps), np.int64),
         **_flatten("task", tasks),
     }
+    if backend is not None:
+        arrays["backend"] = np.asarray(str(backend))
     if expert_params is not None:
         if hidden_sizes is None:
             raise ValueError("save_demonstrations: expert_params needs hidden_sizes")
@@ -341,7 +347,7 @@ def load_demonstrations(path, env: TaskEnv) -> Demonstrations:
 
     Raises ConfigError ("demonstrations PATH: FIELD: ...", one line) when the file is not
     an .npz archive, holds pickled objects, lacks a key, was written for another
-    environment, has wrong ranks or sizes, inconsistent T, task leaves not matching
+    environment or (where it records one) another Brax backend, has wrong ranks or sizes, inconsistent T, task leaves not matching
     `env.sample_tasks`, counts out of range, or non-finite values. Never unpickles.
     """
     source = os.fspath(path)
@@ -352,6 +358,13 @@ def load_demonstrations(path, env: TaskEnv) -> Demonstrations:
     if env_name not in accepted:
         raise _error(source, f"env: written for {env_name!r}; {env.name} accepts "
                              f"demonstrations of {', '.join(repr(n) for n in accepted)}")
+    if "backend" in arrays and getattr(env, "backend", None) is not None:
+        recorded = _string(arrays, "backend", source)
+        if recorded != env.backend:
+            raise _error(source, f"backend: the experts ran on {recorded!r}, this run's "
+                                 f"env.backend is {env.backend!r}; set env.backend="
+                                 f"{recorded} or collect the demonstrations on "
+                                 f"{env.backend}")
     observations = arrays["observations"].astype(np.float32)
     actions = arrays["actions"].astype(np.float32)
     counts = arrays["counts"].astype(np.int64)

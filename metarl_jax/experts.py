@@ -135,7 +135,8 @@ def run_experts(env: TaskEnv, config: ExpertConfig, out_path,
                                demos.actions, demos.counts, expert_params=demos.expert_params,
                                hidden_sizes=demos.hidden_sizes,
                                expert_env_steps=demos.expert_env_steps,
-                               activation=demos.activation)
+                               activation=demos.activation,
+                               backend=getattr(env, "backend", None))
     return {"path": path, "num_tasks": config.num_tasks,
             "initial_return": float(info["returns"][0]),
             "final_return": float(np.mean(info["demo_returns"])),

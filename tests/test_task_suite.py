@@ -602,11 +602,16 @@ def test_sparse_ring_trains_from_dense_ring_demonstrations(tmp_path):
     actions = np.zeros((4, 6, dense.action_size), np.float32)
     path = save_demonstrations(str(tmp_path / "dense.npz"), dense.name,
                                jax.tree.map(np.asarray, tasks), observations, actions,
-                               np.full((4,), 6))
+                               np.full((4,), 6), backend=dense.backend)
     demos = load_demonstrations(path, make_env("ant-goal-ring-sparse"))
     np.testing.assert_array_equal(np.asarray(demos.tasks["goal"]), np.asarray(tasks["goal"]))
     with pytest.raises(ConfigError, match="ant-goal accepts demonstrations of 'ant-goal'"):
         load_demonstrations(path, make_env("ant-goal"))
+    # Experts on one physics do not teach a meta-learner on another.
+    assert dense.backend == "generalized"
+    with pytest.raises(ConfigError, match="dense.npz: backend: the experts ran on "
+                                          "'generalized', this run's env.backend is 'spring'"):
+        load_demonstrations(path, make_env("ant-goal-ring-sparse", backend="spring"))
 
 
 @pytest.mark.slow
