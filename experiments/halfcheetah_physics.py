@@ -173,7 +173,7 @@ def physics_table(run_dir: str, physics: list[str], num_tasks: int, seed: int) -
                                           num_tasks=num_tasks,
                                           episodes_per_task=config.algorithm.episodes_per_task))
         key = jax.random.fold_in(jax.random.PRNGKey(seed), EVAL_STREAM)
-        per_task = np.asarray(adapt(params, key))
+        per_task = np.asarray(adapt(params, key).task_means)
         mean = per_task.mean(axis=0)
         stderr = per_task.std(axis=0, ddof=1) / math.sqrt(num_tasks)
         label = run_label(run_dir, config, iteration)

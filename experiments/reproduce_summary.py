@@ -114,18 +114,28 @@ def fmt(value, digits=1) -> str:
 
 def task_table(task: str, rows: list[dict], marks: list[float]) -> str:
     mark_heads = "".join(f" post at {mark:.2g} steps |" for mark in marks)
+    # Where episodes end early (a body falls), the held-out mean over tasks and the mean
+    # over pooled episodes (the training curves' measure) differ: show both.
+    pooled = any(row["eval"] and "return_pooled" in row["eval"] for row in rows)
     lines = [f"## {task}", "",
              f"| run | iterations | env steps | hours |{mark_heads} post, last 10 it. | "
-             "pre, last 10 it. | post − pre | held-out return after 0 / 1 / 2 / 3 steps |",
-             "|---|---|---|---|" + "---|" * len(marks) + "---|---|---|---|"]
+             "pre, last 10 it. | post − pre | held-out return after 0 / 1 / 2 / 3 steps |"
+             + (" held-out, episodes pooled |" if pooled else ""),
+             "|---|---|---|---|" + "---|" * len(marks) + "---|---|---|---|"
+             + ("---|" if pooled else "")]
+
+    def held_out(row, key):
+        if row["eval"] is None or key not in row["eval"]:
+            return "–"
+        return " / ".join(f"{m:.1f}" for m in row["eval"][key])
+
     for row in rows:
-        held_out = ("–" if row["eval"] is None else " / ".join(
-            f"{m:.1f}" for m in row["eval"]["return_mean"]))
         lines.append(
             f"| {row['run']} | {row['iterations']} | {row['env_steps']:,} | "
             f"{row['hours']:.2f} |" + "".join(f" {fmt(row['at_marks'][m])} |" for m in marks)
             + f" {row['post_last']:.1f} | {row['pre_last']:.1f} | "
-              f"{row['post_last'] - row['pre_last']:.1f} | {held_out} |")
+              f"{row['post_last'] - row['pre_last']:.1f} | {held_out(row, 'return_mean')} |"
+            + (f" {held_out(row, 'return_pooled')} |" if pooled else ""))
     lines.append("")
     for algo in sorted({row["algo"] for row in rows}):
         # Finished runs only (their eval.json exists): the last 10 iterations of a run

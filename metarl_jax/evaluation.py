@@ -22,8 +22,13 @@ def evaluate(run_dir: str, num_tasks: int = 40, adapt_steps: int | None = None,
              seed: int = 0, episodes_per_task: int | None = None,
              iteration: int | None = None, write: bool = True) -> dict:
     """Adapts the run's saved meta-policy on `num_tasks` new tasks with the algorithm's
-    own adaptation and reports the mean and standard error (over tasks) of the return
-    after 0, 1, …, `adapt_steps` steps (default: the run's `inner_steps`).
+    own adaptation and reports, after 0, 1, …, `adapt_steps` steps (default: the run's
+    `inner_steps`), the mean over tasks of each task's mean episode return with its
+    standard error (`return_mean`, `return_stderr`: every task weighs alike), and the
+    mean over all episodes pooled (`return_pooled`: the measure of the training's
+    `pre_return` / `post_return`, in which a task whose bodies fall often, and so has
+    many short episodes, weighs more; equal to `return_mean` where episodes never end
+    early), with the episodes per task (`episodes_per_task_mean`).
 
     Writes `run_dir/eval.json` when `write`. Returns the same dictionary.
     """
@@ -37,7 +42,8 @@ def evaluate(run_dir: str, num_tasks: int = 40, adapt_steps: int | None = None,
 
     key = jax.random.fold_in(jax.random.PRNGKey(seed), EVAL_STREAM)
     adapt = jax.jit(algorithm.adaptation_returns, static_argnums=(2, 3, 4))
-    per_task = np.asarray(adapt(state.params, key, num_tasks, adapt_steps, episodes))
+    returns = jax.device_get(adapt(state.params, key, num_tasks, adapt_steps, episodes))
+    per_task = np.asarray(returns.task_means)
     means = per_task.mean(axis=0)
     stderrs = (per_task.std(axis=0, ddof=1) / math.sqrt(num_tasks) if num_tasks > 1
                else np.zeros_like(means))
@@ -48,6 +54,8 @@ def evaluate(run_dir: str, num_tasks: int = 40, adapt_steps: int | None = None,
         "adapt_steps": list(range(adapt_steps + 1)),
         "return_mean": [float(m) for m in means],
         "return_stderr": [float(s) for s in stderrs],
+        "return_pooled": [float(m) for m in np.asarray(returns.pooled_mean())],
+        "episodes_per_task_mean": [float(n) for n in np.asarray(returns.episodes).mean(0)],
     }
     if write:
         with open(os.path.join(run_dir, EVAL_FILE), "w") as f:
@@ -73,8 +81,9 @@ def restore_meta_state(run_dir: str, algorithm, iteration: int | None = None):
 
 
 def format_table(result: dict) -> str:
-    lines = ["adapt step  return (mean ± s.e.)"]
-    for step, mean, stderr in zip(result["adapt_steps"], result["return_mean"],
-                                  result["return_stderr"]):
-        lines.append(f"{step:>10}  {mean:10.3f} ± {stderr:.3f}")
+    lines = ["adapt step  return: mean over tasks ± s.e.   episodes pooled   episodes/task"]
+    for step, mean, stderr, pooled, count in zip(
+            result["adapt_steps"], result["return_mean"], result["return_stderr"],
+            result["return_pooled"], result["episodes_per_task_mean"]):
+        lines.append(f"{step:>10}  {mean:20.3f} ± {stderr:<8.3f}  {pooled:15.3f}  {count:13.1f}")
     return "\n".join(lines)

@@ -20,7 +20,8 @@ import pytest
 
 from metarl_jax import run_config, run_dir, trainer
 from metarl_jax.algorithms import ALGORITHMS
-from metarl_jax.algorithms.base import REQUIRED_METRICS, MetaLearner, MetaState, check_algorithm
+from metarl_jax.algorithms.base import (REQUIRED_METRICS, AdaptationReturns, MetaLearner,
+                                        MetaState, check_algorithm)
 from metarl_jax.config import SamplingConfig
 
 TINY = {"env": {"name": "point-nav"}, "meta_batch_size": 2, "episodes_per_task": 2,
@@ -85,10 +86,14 @@ def test_algorithm_meets_the_contract(algo, tmp_path):
         k: v for k, v in history[-1].items() if k not in TIMING_KEYS}, algo
     assert [r["iteration"] for r in run_dir.read_metrics(str(out))] == [1, 2, 3]
 
-    # Meta-test adaptation: [tasks, steps + 1] finite returns.
+    # Meta-test adaptation: [tasks, steps + 1] finite returns, each over at least one
+    # episode per lane.
     adapt = jax.jit(algorithm.adaptation_returns, static_argnums=(2, 3, 4))
-    returns = np.asarray(adapt(resumed.state.params, jax.random.PRNGKey(1), 2, 1, 2))
-    assert returns.shape == (2, 2) and np.all(np.isfinite(returns)), (algo, returns)
+    returns = jax.device_get(adapt(resumed.state.params, jax.random.PRNGKey(1), 2, 1, 2))
+    assert isinstance(returns, AdaptationReturns), algo
+    assert returns.task_means.shape == returns.episodes.shape == (2, 2), algo
+    assert np.all(np.isfinite(returns.task_means)), (algo, returns)
+    assert np.all(returns.episodes >= 2), (algo, returns)
 
 
 def test_the_contract_names_what_an_algorithm_lacks():

@@ -375,7 +375,8 @@ def test_meta_test_adaptation_uses_learned_step_sizes():
     state = algorithm.init(jax.random.PRNGKey(0))
     returns = jax.jit(algorithm.adaptation_returns, static_argnums=(2, 3, 4))(
         state.params, jax.random.PRNGKey(1), 3, 1, 2)
-    assert returns.shape == (3, 2) and bool(jnp.all(jnp.isfinite(returns)))
+    assert returns.task_means.shape == (3, 2)
+    assert bool(jnp.all(jnp.isfinite(returns.task_means)))
 
 
 def test_gmps_configuration_errors(tmp_path):

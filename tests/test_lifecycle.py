@@ -17,6 +17,7 @@ import pytest
 from click.testing import CliRunner
 
 from metarl_jax import run_config, run_dir, trainer
+from metarl_jax.algorithms.base import AdaptationReturns
 from metarl_jax.algorithms.promp import adapt_kl_coeffs
 from metarl_jax.checkpoints import Checkpointer
 from metarl_jax.cli import EXIT_DIVERGED, main
@@ -181,7 +182,10 @@ def test_eval_and_plot_write_their_files(tmp_path):
     assert report["adapt_steps"] == [0, 1, 2] and report["tasks"] == 4
     assert report["checkpoint_iteration"] == 3
     assert len(report["return_mean"]) == 3 and all(s > 0 for s in report["return_stderr"])
-    assert "adapt step" in result.output
+    assert len(report["return_pooled"]) == 3
+    assert all(n >= tiny_config().algorithm.episodes_per_task
+               for n in report["episodes_per_task_mean"])
+    assert "adapt step" in result.output and "episodes pooled" in result.output
 
     curve_png = tmp_path / "curve.png"
     result = CliRunner().invoke(main, ["plot", str(run), str(second), "--out", str(curve_png)])
@@ -192,6 +196,16 @@ def test_eval_and_plot_write_their_files(tmp_path):
         pixels = matplotlib.image.imread(str(png))
         assert pixels.shape[0] > 200 and pixels.shape[1] > 300
         assert float(pixels[..., :3].std()) > 0.05  # not blank
+
+
+def test_pooled_return_weights_each_task_by_its_episodes():
+    """The training metrics pool episodes; `metarl eval`'s mean weighs tasks alike. A task
+    whose bodies fall four times as often counts four times in the pooled mean."""
+    returns = AdaptationReturns(task_means=jnp.array([[10.0, 20.0], [100.0, 50.0]]),
+                                episodes=jnp.array([[4.0, 1.0], [1.0, 1.0]]))
+    np.testing.assert_allclose(np.asarray(returns.pooled_mean()),
+                               [(4 * 10.0 + 100.0) / 5, 35.0], rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(returns.task_means.mean(axis=0)), [55.0, 35.0])
 
 
 def test_evaluate_from_python_is_reproducible(tmp_path):
@@ -349,3 +363,13 @@ def test_the_reproduction_means_count_finished_runs_only():
         [])
     assert "maml-trpo_seed1 | 79 |" in one_under_way  # the row is shown
     assert "maml-trpo, mean of" not in one_under_way  # but not averaged
+    assert "episodes pooled" not in two_finished
+
+    # Evaluations that report the pooled mean get a column of it; older ones a dash.
+    pooled = dict(row("promp_seed0", 1.0, True),
+                  eval={"return_mean": [5.0, 6.0], "return_pooled": [3.0, 4.5]})
+    with_pooled = reproduce_summary.task_table(
+        "hopper", [pooled, row("promp_seed1", 1.0, True)], [])
+    assert "| held-out, episodes pooled |" in with_pooled
+    assert "| 5.0 / 6.0 | 3.0 / 4.5 |" in with_pooled
+    assert "| 0.0 / 1.0 / 2.0 / 3.0 | – |" in with_pooled

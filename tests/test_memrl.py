@@ -124,6 +124,6 @@ def test_memrl_adam_option_and_evaluation_shape():
     assert np.isfinite(float(metrics["post_return"]))
     returns = jax.jit(algorithm.adaptation_returns, static_argnums=(2, 3, 4))(
         state.params, jax.random.PRNGKey(2), 4, 3, 2)
-    assert returns.shape == (4, 4)
+    assert returns.task_means.shape == returns.episodes.shape == (4, 4)
     with pytest.raises(run_config.ConfigError, match="meta_optimizer: 'lbfgs' not allowed"):
         run_config.resolve_config({"algo": "memrl", "meta_optimizer": "lbfgs"})

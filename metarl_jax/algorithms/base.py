@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import flax.struct
 import jax
+import jax.numpy as jnp
 import optax
 
 from metarl_jax.config import SamplingConfig
@@ -34,6 +35,25 @@ from metarl_jax.policies import GaussianPolicy
 # Scalars every meta-iteration reports: the undiscounted mean episode return before
 # adaptation (θ) and after it (φ_K), and how many episodes each phase counted.
 REQUIRED_METRICS = ("pre_return", "post_return", "pre_episodes", "post_episodes")
+
+
+class AdaptationReturns(NamedTuple):
+    """Meta-test returns of T tasks after 0, 1, …, K adaptation steps.
+
+    Both fields are [T, K + 1]. A task's mean is over the episodes its fresh lanes
+    counted (`Trajectories.lane_episode_totals`): one per lane where episodes never end,
+    more where bodies fall and restart. The mean over tasks weights every task alike; the
+    training metrics pool episodes, which weights a task by how often its episodes end
+    (`pooled_mean` gives that measure from these fields).
+    """
+    task_means: jax.Array  # mean undiscounted episode return of each task
+    episodes: jax.Array  # how many episodes each of those means is over
+
+    def pooled_mean(self) -> jax.Array:
+        """[K + 1]: the mean over all tasks' episodes pooled, the measure of the
+        `pre_return` / `post_return` training metrics."""
+        return (jnp.sum(self.task_means * self.episodes, axis=0)
+                / jnp.sum(self.episodes, axis=0))
 
 
 @flax.struct.dataclass
@@ -80,11 +100,12 @@ class MetaLearner(abc.ABC):
 
     @abc.abstractmethod
     def adaptation_returns(self, params, key: jax.Array, num_tasks: int, adapt_steps: int,
-                           episodes_per_task: int) -> jax.Array:
+                           episodes_per_task: int) -> AdaptationReturns:
         """Meta-test: on `num_tasks` tasks drawn with `key`, the mean episode return of
         fresh episodes after 0, 1, …, `adapt_steps` steps of the algorithm's own
-        adaptation from `params`; shape [num_tasks, adapt_steps + 1]. Jittable with the
-        three sizes static. `metarl eval` reports it."""
+        adaptation from `params`, and how many episodes each mean is over; both
+        [num_tasks, adapt_steps + 1]. Jittable with the three sizes static. `metarl eval`
+        reports it."""
 
     def prepare(self, state: MetaState, seed: int) -> MetaState:
         """Host-side set-up before the first iteration of a new run (not on resume):

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from metarl_jax.advantages import process_phase
+from metarl_jax.algorithms.base import AdaptationReturns
 from metarl_jax.config import SamplingConfig
 from metarl_jax.distributed import shard_tasks
 from metarl_jax.envs.base import TaskEnv
@@ -88,11 +89,11 @@ def phase_returns(pre_batches: Trajectories, post_batch: Trajectories) -> dict:
 def adaptation_returns(env: TaskEnv, policy: GaussianPolicy, config: SamplingConfig, params,
                        key: jax.Array, num_tasks: int, adapt_steps: int,
                        episodes_per_task: int, inner_loss=lvc_inner_loss,
-                       process=standard_advantages, inner_lr=None) -> jax.Array:
+                       process=standard_advantages, inner_lr=None) -> AdaptationReturns:
     """Adaptation on freshly sampled tasks: `adapt_steps` inner steps from θ with fresh
     episodes every step (step size `inner_lr`, default `config.inner_lr`). Returns each
-    task's mean episode return after 0, 1, …, `adapt_steps` steps, shape
-    [num_tasks, adapt_steps + 1]."""
+    task's mean episode return after 0, 1, …, `adapt_steps` steps and the episodes it is
+    over, both [num_tasks, adapt_steps + 1]."""
     config = dataclasses.replace(config, meta_batch_size=num_tasks, inner_steps=adapt_steps,
                                  episodes_per_task=episodes_per_task)
     task_key, sample_key = jax.random.split(key)
@@ -100,6 +101,8 @@ def adaptation_returns(env: TaskEnv, policy: GaussianPolicy, config: SamplingCon
     pre_batches, post_batch = sample_adaptation_phases(env, policy, config, params, tasks,
                                                        sample_key, inner_loss, process,
                                                        inner_lr=inner_lr)
-    before_last = pre_batches.mean_episode_return(axis=-1)  # [M, K]
-    last = post_batch.mean_episode_return(axis=-1)[:, None]
-    return jnp.concatenate([before_last, last], axis=1)
+    task_means = jnp.concatenate([pre_batches.mean_episode_return(axis=-1),  # [M, K]
+                                  post_batch.mean_episode_return(axis=-1)[:, None]], axis=1)
+    episodes = jnp.concatenate([pre_batches.episode_count(axis=-1),
+                                post_batch.episode_count(axis=-1)[:, None]], axis=1)
+    return AdaptationReturns(task_means=task_means, episodes=episodes)
