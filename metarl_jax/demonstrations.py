@@ -347,8 +347,9 @@ def load_demonstrations(path, env: TaskEnv) -> Demonstrations:
 
     Raises ConfigError ("demonstrations PATH: FIELD: ...", one line) when the file is not
     an .npz archive, holds pickled objects, lacks a key, was written for another
-    environment or (where it records one) another Brax backend, has wrong ranks or sizes, inconsistent T, task leaves not matching
-    `env.sample_tasks`, counts out of range, or non-finite values. Never unpickles.
+    environment or (where it records one) another Brax backend, has wrong ranks or
+    sizes, inconsistent T, task leaves not matching `env.sample_tasks`, counts out of
+    range, or non-finite values. Never unpickles.
     """
     source = os.fspath(path)
     arrays = _read_arrays(path)
