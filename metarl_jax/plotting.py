@@ -122,7 +122,10 @@ def plot_runs(run_dirs: list[str], out: str, show_pre: bool = True,
     if title:
         ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    # Headroom for the legend above the curves, so that it hides none of them.
+    low, high = ax.get_ylim()
+    ax.set_ylim(low, high + 0.06 * len(ax.get_legend_handles_labels()[0]) * (high - low))
+    ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     fig.savefig(out)
     plt.close(fig)
