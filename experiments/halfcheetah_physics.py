@@ -8,6 +8,7 @@ measures what each difference means for a meta-policy trained here:
 
     python experiments/halfcheetah_physics.py gait RUN [RUN ...]
     python experiments/halfcheetah_physics.py physics RUN [--physics generalized full-contact mjx]
+    python experiments/halfcheetah_physics.py physics RUN --physics mjx mjx-ls20 mjx-ant-solver
 
 `gait` adapts the run's meta-policy on held-out tasks (as `metarl eval` does) and, from
 the visited states, reports how often each body part is below the floor and how often
@@ -20,7 +21,9 @@ and the geoms' heights from MuJoCo's forward kinematics of the same model file.
 same model under other physics: `full-contact` (the `generalized` pipeline with every
 geom colliding with the floor, as in MuJoCo's model) and `mjx` (MuJoCo's own solver on
 Brax's model). A return that holds across them says the policy's value does not hinge
-on the difference.
+on the difference. `mjx-ls20` and `mjx-ant-solver` are `mjx` with the solver cut back:
+its line search capped at 20 steps instead of MuJoCo's 50, or the setting Brax gives
+its ant (one Newton iteration, 4 line-search steps).
 
 Both print a Markdown table; `--append FILE` also appends it there.
 """
@@ -46,7 +49,10 @@ from metarl_jax.losses import lvc_inner_loss
 from metarl_jax.run_config import build
 from metarl_jax.run_dir import load_run_config
 
-PHYSICS = ("generalized", "full-contact", "mjx")
+PHYSICS = ("generalized", "full-contact", "mjx", "mjx-ls20", "mjx-ant-solver")
+# MuJoCo solver options replaced on Brax's model, per `mjx-*` physics.
+SOLVER_OPTIONS = {"mjx-ls20": {"opt.ls_iterations": 20},
+                  "mjx-ant-solver": {"opt.iterations": 1, "opt.ls_iterations": 4}}
 # Geoms that collide with the floor in Brax's model; the others pass through it.
 COLLIDING = ("head", "bthigh", "bfoot", "fthigh", "ffoot")
 
@@ -71,15 +77,18 @@ def load(run_dir: str, physics: str = "generalized"):
     config = load_run_config(run_dir)
     if not config.run.env.name.startswith("halfcheetah"):
         raise SystemExit(f"{run_dir}: a half-cheetah run is needed, not {config.run.env.name}")
-    backend = "mjx" if physics == "mjx" else "generalized"
+    backend = "mjx" if physics.startswith("mjx") else "generalized"
     config = dataclasses.replace(config, run=dataclasses.replace(
         config.run, env=dataclasses.replace(config.run.env, backend=backend)))
     env, policy, algorithm = build(config)
-    if physics == "full-contact":
+    if physics == "full-contact" or physics in SOLVER_OPTIONS:
         from brax.io import mjcf
 
+        # A copy: the Brax environment is shared by every task env of its body.
         env.brax_env = copy.copy(env.brax_env)
-        env.brax_env.sys = mjcf.loads(model_xml(full_contact=True))
+        env.brax_env.sys = (mjcf.loads(model_xml(full_contact=True))
+                            if physics == "full-contact"
+                            else env.brax_env.sys.tree_replace(SOLVER_OPTIONS[physics]))
         algorithm = ALGORITHMS[config.run.algo](config.algorithm, env, policy)
     iteration, state, _ = restore_meta_state(run_dir, algorithm)
     return config, algorithm, state.params, iteration

@@ -2,6 +2,7 @@
 
     python experiments/reproduce_summary.py            # every task with runs
     python experiments/reproduce_summary.py halfcheetah-dir
+    python experiments/reproduce_summary.py ant-dir --blocks 40   # curves in blocks, only
 
 For each run in runs/reproduce/TASK/ALGO_seedS it first copies the run's summary
 (config.yaml, metrics.jsonl, eval.json) to experiments/reproduce/TASK/ALGO_seedS, which
@@ -93,6 +94,23 @@ def mean_near(records: list[dict], steps: float, key: str) -> float | None:
     return statistics.fmean(window) if window else None
 
 
+def blocks_table(runs: list[pathlib.Path], size: int) -> str:
+    """Mean post-update return of each run over blocks of `size` iterations, with σ at
+    the block's end; a block the run has not finished is left out."""
+    records = {run.name: read_records(run) for run in runs}
+    longest = max(len(r) for r in records.values())
+    lines = ["| iterations | " + " | ".join(records) + " |",
+             "|---" * (len(records) + 1) + "|"]
+    for first in range(0, longest - size + 1, size):
+        cells = []
+        for rows in records.values():
+            block = rows[first:first + size]
+            cells.append(f"{statistics.fmean(r['post_return'] for r in block):.1f} "
+                         f"(σ {block[-1]['policy_std']:.2f})" if len(block) == size else "–")
+        lines.append(f"| {first + 1}–{first + size} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def run_row(run: pathlib.Path, marks: list[float]) -> dict:
     records = read_records(run)
     last = records[-10:]
@@ -180,6 +198,9 @@ def put_in_report(report: str, task: str, table: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("tasks", nargs="*")
+    parser.add_argument("--blocks", type=int, metavar="N",
+                        help="only print the committed runs' mean post-update return over "
+                             "blocks of N iterations")
     args = parser.parse_args()
     tasks = args.tasks or sorted({p.name for p in list(RUNS.glob("*")) +
                                   list(SUMMARIES.glob("*")) if p.is_dir()})
@@ -188,6 +209,10 @@ def main() -> None:
     from metarl_jax.plotting import plot_runs
 
     for task in tasks:
+        if args.blocks:
+            runs = sorted((SUMMARIES / task).glob("*_seed*"))
+            print(f"{task}\n\n{blocks_table(runs, args.blocks)}\n")
+            continue
         if (RUNS / task).exists():
             copy_summaries(task)
         runs = sorted((SUMMARIES / task).glob("*_seed*"))

@@ -343,6 +343,28 @@ def test_the_reproduction_report_takes_each_task_table_once():
     assert added.index("prose") < added.index("## ant\n")
 
 
+def test_the_reproduction_blocks_average_whole_blocks_only(tmp_path):
+    """`reproduce_summary.py --blocks N`: each run's mean post-update return over
+    iterations 1..N, N+1..2N, …, with σ at the block's end; a run that has not finished
+    a block shows a dash there."""
+    sys.path.insert(0, str(REPO / "experiments"))
+    import reproduce_summary  # noqa: E402
+
+    def write_run(name, posts):
+        run = tmp_path / name
+        run.mkdir()
+        run.joinpath("metrics.jsonl").write_text("".join(
+            json.dumps({"iteration": i + 1, "post_return": post, "policy_std": 1.0 - i / 10})
+            + "\n" for i, post in enumerate(posts)))
+        return run
+
+    table = reproduce_summary.blocks_table([write_run("promp_seed0", [1.0, 3.0, 5.0, 7.0, 9.0]),
+                                            write_run("promp_seed1", [2.0, 4.0, 6.0])], 2)
+    assert table.splitlines() == [
+        "| iterations | promp_seed0 | promp_seed1 |", "|---|---|---|",
+        "| 1–2 | 2.0 (σ 0.90) | 3.0 (σ 0.90) |", "| 3–4 | 6.0 (σ 0.70) | – |"]
+
+
 def test_the_reproduction_means_count_finished_runs_only():
     """A seed still under way has no eval.json; its last 10 iterations are from earlier
     in training, so the per-algorithm mean leaves it out until it finishes."""
