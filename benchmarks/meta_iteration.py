@@ -20,8 +20,8 @@ Modes:
   batch, and the growth of the time per doubling.
 - `fused`: several meta-iterations per compiled call (`lax.scan` over the iteration)
   against one per call, the metrics fetched after every call as the trainer does.
-- `train`: through `metarl train` in a fresh process per variant, with and without the
-  speed flags (`--cpu-devices 2`, `iterations_per_call=5`); the figure is the median
+- `train`: through `metarl train` in a fresh process per variant, the CPU whole or split
+  (`--cpu-devices 1`, `2`) and one or five iterations per call; the figure is the median
   `iteration_s` of the run's records after the fifth.
 
 `--batch M N H` replaces the settings' batch (a small one checks that a mode runs).
@@ -50,13 +50,11 @@ from metarl_jax.rollout import collect
 
 MODES = ("iteration", "scaling", "fused", "train")
 
+# Each variant names the call length, since the default depends on the task.
 TRAIN_VARIANTS = {
-    "`--cpu-devices 1`": ["--cpu-devices", "1"],
-    "`--cpu-devices 2`": ["--cpu-devices", "2"],
-    "`--cpu-devices 1 --set iterations_per_call=5`": ["--cpu-devices", "1", "--set",
-                                                      "iterations_per_call=5"],
-    "`--cpu-devices 2 --set iterations_per_call=5`": ["--cpu-devices", "2", "--set",
-                                                      "iterations_per_call=5"],
+    f"`--cpu-devices {devices} --set iterations_per_call={fused}`":
+        ["--cpu-devices", str(devices), "--set", f"iterations_per_call={fused}"]
+    for devices in (1, 2) for fused in (1, 5)
 }
 
 

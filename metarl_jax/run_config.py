@@ -12,7 +12,7 @@ from metarl_jax.algorithms import ALGORITHMS
 from metarl_jax.algorithms.maml import MAML_VARIANTS
 from metarl_jax.config import (ConfigError, EnvConfig, at_least, build_dataclass, field, merge,
                                one_of, to_dict)
-from metarl_jax.envs import lookup, make_env
+from metarl_jax.envs import TaskSpec, lookup, make_env
 from metarl_jax.policies import GaussianPolicy
 
 
@@ -27,7 +27,8 @@ class RunSettings:
     devices: int | None = field(None, **at_least(1))  # None: every device
     checkpoint_every: int = field(50, **at_least(1))
     # Meta-iterations per compiled call (a `lax.scan`); must divide checkpoint_every.
-    iterations_per_call: int = field(1, **at_least(1))
+    # None: `default_iterations_per_call`.
+    iterations_per_call: int | None = field(None, **at_least(1))
     keep_checkpoints: int = field(3, **at_least(1))
     # Members of a sweep computed at once (vmapped); None: all on an accelerator, one at
     # a time on a CPU. The numbers are the same either way.
@@ -84,6 +85,22 @@ DEFAULT_EXPERIMENT: dict[str, Any] = {"algo": "promp", "env": {"name": "point-na
                                       "iterations": 100}
 
 
+# Meta-iterations per compiled call on a task without physics, where a call of one
+# iteration spends a measurable share of its time in dispatch and host work
+# (benchmarks/meta_iteration.py --mode train).
+FUSED_ITERATIONS = 5
+
+
+def default_iterations_per_call(task: TaskSpec, checkpoint_every: int) -> int:
+    """`iterations_per_call` when the configuration names none. A task on physics: 1,
+    since its iteration takes seconds and fusing would only delay the metrics line and
+    the watchdog. Any other task: the largest divisor of `checkpoint_every` up to
+    FUSED_ITERATIONS, so that calls still end at every checkpoint."""
+    if task.physics:
+        return 1
+    return max(k for k in range(1, FUSED_ITERATIONS + 1) if checkpoint_every % k == 0)
+
+
 def published_setting(env_name: str, algo: str) -> dict:
     """The keys `env_name`'s published setting gives `algo` (see PUBLISHED_SETTINGS)."""
     setting: dict = {}
@@ -129,6 +146,9 @@ def resolve_config(raw: dict) -> RunConfig:
     raw = merge(published_setting(env_name, algo), raw)
     run_keys = {f.name for f in dataclasses.fields(RunSettings)}
     run = build_dataclass(RunSettings, {k: v for k, v in raw.items() if k in run_keys})
+    if run.iterations_per_call is None:
+        run = dataclasses.replace(run, iterations_per_call=default_iterations_per_call(
+            task, run.checkpoint_every))
     if run.checkpoint_every % run.iterations_per_call:
         raise ConfigError(f"config: iterations_per_call: {run.iterations_per_call} does not "
                           f"divide checkpoint_every ({run.checkpoint_every}); use a divisor "

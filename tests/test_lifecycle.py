@@ -225,8 +225,8 @@ def test_evaluate_from_python_is_reproducible(tmp_path):
 def test_fused_calls_give_the_same_run_as_one_iteration_per_call(tmp_path):
     """`iterations_per_call` > 1 scans several meta-iterations in one compiled call; the
     records, checkpoints and final state are those of one iteration per call."""
-    single = trainer.train(tiny_config(iterations=7, checkpoint_every=6), str(tmp_path / "a"),
-                           progress=False).history
+    single = trainer.train(tiny_config(iterations=7, checkpoint_every=6, iterations_per_call=1),
+                           str(tmp_path / "a"), progress=False).history
     fused = trainer.train(tiny_config(iterations=7, checkpoint_every=6, iterations_per_call=3),
                           str(tmp_path / "b"), progress=False).history
     assert [r["iteration"] for r in fused] == list(range(1, 8))
@@ -271,9 +271,23 @@ def test_divergence_inside_a_fused_call_checkpoints_the_iteration_before_it(tmp_
     state, host = checkpointer.restore(template)
     checkpointer.close()
     assert int(state.iteration) == 4 and host["env_steps"] == 4 * 3 * 3 * 15 * 2
-    plain = trainer.train(tiny_config(iterations=4), progress=False).state
+    plain = trainer.train(tiny_config(iterations=4, iterations_per_call=1), progress=False).state
     for a, b in zip(jax.tree.leaves(plain.params), jax.tree.leaves(state.params)):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-7)
+
+
+def test_fused_calls_are_the_default_on_tasks_without_physics():
+    """Unless the configuration names it, `iterations_per_call` is the largest divisor of
+    `checkpoint_every` up to 5 on a pure-JAX task and 1 on a physics task; the resolved
+    number is what the run directory records, so a resumed run keeps it."""
+    assert tiny_config().run.iterations_per_call == 5
+    assert tiny_config(checkpoint_every=6).run.iterations_per_call == 3
+    assert tiny_config(checkpoint_every=7).run.iterations_per_call == 1
+    assert tiny_config(iterations_per_call=2).run.iterations_per_call == 2
+    assert tiny_config().to_dict()["iterations_per_call"] == 5
+    for name in ("halfcheetah-dir", "ant-dir", "hopper-params"):
+        config = run_config.resolve_config({"env": {"name": name}})
+        assert config.run.iterations_per_call == 1, name
 
 
 def test_iterations_per_call_must_divide_checkpoint_every():

@@ -107,5 +107,5 @@ def test_the_trainer_watches_its_compiled_calls(monkeypatch, capfd):
     history = trainer.train(config, progress=False).history
     assert [r["iteration"] for r in history] == [1, 2]
     stderr = capfd.readouterr().err
-    assert "meta-iteration call (iterations 1-1)" in stderr
-    assert "metarl watchdog: meta-iteration call (iterations 1-1) returned after" in stderr
+    assert "meta-iteration call (iterations 1-2)" in stderr
+    assert "metarl watchdog: meta-iteration call (iterations 1-2) returned after" in stderr

@@ -78,6 +78,8 @@ class TaskSpec:
       build: builds the task distribution; options `backend` and `horizon` (None: the
         default), each passed on only where the constructor takes it.
       registered: False for a task given by import path.
+      physics: True for a task simulated by a physics backend (one that declares a
+        backend to run on), False for a pure-JAX task.
     """
 
     name: str
@@ -85,6 +87,7 @@ class TaskSpec:
     backend: str
     build: Callable[..., TaskEnv]
     registered: bool
+    physics: bool
 
 
 def unknown_environment(name) -> ConfigError:
@@ -103,7 +106,8 @@ def lookup(name) -> TaskSpec:
     if isinstance(name, str) and name in ENVIRONMENTS:
         cls = ENVIRONMENTS[name]
         return TaskSpec(name=name, horizon=cls.horizon, backend=default_backend(cls),
-                        build=lambda **options: construct(cls, options), registered=True)
+                        build=lambda **options: construct(cls, options), registered=True,
+                        physics=uses_physics(cls))
     if isinstance(name, str) and ":" in name:
         from metarl_jax.envs import custom
 
@@ -111,7 +115,7 @@ def lookup(name) -> TaskSpec:
         default = custom.build(name, factory, {})
         return TaskSpec(name=name, horizon=default.horizon, backend=default_backend(default),
                         build=lambda **options: custom.build(name, factory, options),
-                        registered=False)
+                        registered=False, physics=uses_physics(default))
     raise unknown_environment(name)
 
 
@@ -121,6 +125,13 @@ def default_backend(env: TaskEnv | type[TaskEnv]) -> str:
     BRAX_BACKENDS (pure-JAX tasks ignore it)."""
     return (getattr(env, "backend", None) or getattr(env, "default_backend", None)
             or BRAX_BACKENDS[0])
+
+
+def uses_physics(env: TaskEnv | type[TaskEnv]) -> bool:
+    """Whether a task (built, or its class) runs on a physics backend: it names the
+    backend it runs on, or its class a default one."""
+    return (getattr(env, "backend", None) is not None
+            or getattr(env, "default_backend", None) is not None)
 
 
 def construct(factory: Callable[..., TaskEnv], options: dict) -> TaskEnv:
