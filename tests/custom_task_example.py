@@ -42,3 +42,8 @@ class LineReach(TaskEnv):
 def make_task(max_step: float = 0.2):
     """A factory: takes no horizon, so the configured one is set on the built task."""
     return LineReach(max_step=max_step)
+
+
+class SimulatedLineReach(LineReach):
+    """The same task declared as physics, as a simulator of one's own would be."""
+    physics = True

@@ -46,6 +46,12 @@ def test_resolve_config_takes_the_task_horizon_and_the_algorithm_defaults():
     assert config.run.env.name == f"{EXAMPLE}:make_task"
     assert config.algorithm.horizon == 10  # the task's own
     assert config.algorithm.meta_batch_size == 40  # no published setting: ProMP's default
+    assert config.run.iterations_per_call == 5  # a pure-JAX task: fused calls
+
+
+def test_a_task_declared_as_physics_runs_one_iteration_per_call():
+    config = run_config.resolve_config({"env": {"name": f"{EXAMPLE}:SimulatedLineReach"}})
+    assert config.run.iterations_per_call == 1
 
 
 def test_train_resume_and_eval_through_the_cli(tmp_path):

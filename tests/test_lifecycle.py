@@ -133,7 +133,8 @@ def test_planted_nan_stops_cleanly_and_keeps_last_good_checkpoint(tmp_path):
     out = tmp_path / "run"
     result = CliRunner().invoke(main, [
         "train", "--iterations", "8", "--out", str(out), "--quiet",
-        "--set", "checkpoint_every=100", "--set", "debug_nan_at_iteration=4", *TINY])
+        "--set", "checkpoint_every=100", "--set", "iterations_per_call=1",
+        "--set", "debug_nan_at_iteration=4", *TINY])
     assert result.exit_code == EXIT_DIVERGED
     line = result.output.strip().splitlines()[-1]
     assert line.startswith("error: training diverged at iteration 4: ")

@@ -133,7 +133,8 @@ def test_a_flipped_bit_orbax_restores_silently_is_caught_by_the_digest(tmp_path)
 
 def test_a_corrupt_checkpoint_is_skipped_and_the_run_resumes_from_an_intact_one(
         tmp_path, capfd):
-    reference = trainer.train(tiny_config(iterations=5), progress=False).history
+    reference = trainer.train(tiny_config(iterations=5, iterations_per_call=1),
+                              progress=False).history
     out = tmp_path / "run"
     trainer.train(tiny_config(iterations=4, checkpoint_every=1), str(out), progress=False)
     flip_middle_bits(out / "checkpoints" / "4")

@@ -97,15 +97,17 @@ def test_on_a_real_file_the_stacks_come_from_faulthandler(tmp_path):
 
 
 def test_the_trainer_watches_its_compiled_calls(monkeypatch, capfd):
-    """A first call given no time at all is reported, and the run still completes."""
+    """A first call given no time at all is reported, and the run still completes
+    (two fused calls: the second is watched with the deadline the first measured)."""
     from metarl_jax import run_config, trainer
 
     monkeypatch.setenv("METARL_WATCHDOG_FIRST_CALL_S", "0")
     config = run_config.resolve_config({
-        **run_config.DEFAULT_EXPERIMENT, "iterations": 2, "meta_batch_size": 2,
-        "episodes_per_task": 2, "horizon": 8, "hidden_sizes": [8, 8]})
+        **run_config.DEFAULT_EXPERIMENT, "iterations": 4, "iterations_per_call": 2,
+        "meta_batch_size": 2, "episodes_per_task": 2, "horizon": 8, "hidden_sizes": [8, 8]})
     history = trainer.train(config, progress=False).history
-    assert [r["iteration"] for r in history] == [1, 2]
+    assert [r["iteration"] for r in history] == [1, 2, 3, 4]
     stderr = capfd.readouterr().err
     assert "meta-iteration call (iterations 1-2)" in stderr
     assert "metarl watchdog: meta-iteration call (iterations 1-2) returned after" in stderr
+    assert "iterations 3-4" not in stderr  # its deadline is the floor, 120 s at least

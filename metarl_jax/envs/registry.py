@@ -128,8 +128,12 @@ def default_backend(env: TaskEnv | type[TaskEnv]) -> str:
 
 
 def uses_physics(env: TaskEnv | type[TaskEnv]) -> bool:
-    """Whether a task (built, or its class) runs on a physics backend: it names the
-    backend it runs on, or its class a default one."""
+    """Whether a task (built, or its class) runs on a physics backend: it says so in a
+    `physics` attribute, else it names the backend it runs on, or its class a default
+    one."""
+    declared = getattr(env, "physics", None)
+    if isinstance(declared, bool):
+        return declared
     return (getattr(env, "backend", None) is not None
             or getattr(env, "default_backend", None) is not None)
 
