@@ -11,12 +11,14 @@
 #   bash experiments/reproduce_locomotion.sh halfcheetah-dir    # one task
 #   ALGOS=promp SEEDS=0 bash experiments/reproduce_locomotion.sh halfcheetah-dir
 #   VARIANT=mjx ALGOS=promp SEEDS=0 bash experiments/reproduce_locomotion.sh halfcheetah-dir
+#   VARIANT=std-floor ALGOS=promp SEEDS=0 bash experiments/reproduce_locomotion.sh ant-dir
 #
 # VARIANT trains the same runs changed in one respect, to tell what holds a curve back
 # (runs ALGO_VARIANT_seedS, beside the others in the tables): `mjx`, MuJoCo's own solver
 # (env.backend=mjx) on the same model (the ant's default already); `small-batch`, the
 # reduced batch M = 20, N = 10 with four times the iterations, so the same environment
-# steps.
+# steps; `std-floor`, the policy's σ floored at 0.58 (min_std), where MAML-TRPO's σ ends
+# on ant-dir, to tell whether ProMP's lower σ is what slows it there.
 #
 # Runs go to runs/reproduce/TASK/ALGO_seedS; each finished run is then evaluated on 40
 # held-out tasks with 0-3 adaptation steps (eval.json), and
@@ -40,7 +42,9 @@ case "$VARIANT" in
   mjx) SUFFIX="_mjx"; SCALE=1; VARIANT_ARGS=(--set env.backend=mjx) ;;
   small-batch) SUFFIX="_small-batch"; SCALE=4
     VARIANT_ARGS=(--set meta_batch_size=20 --set episodes_per_task=10) ;;
-  *) echo "VARIANT must be one of: mjx, small-batch (or unset), not '$VARIANT'" >&2; exit 2 ;;
+  std-floor) SUFFIX="_std-floor"; SCALE=1; VARIANT_ARGS=(--set min_std=0.58) ;;
+  *) echo "VARIANT must be one of: mjx, small-batch, std-floor (or unset), not '$VARIANT'" >&2
+     exit 2 ;;
 esac
 TASKS=("$@")
 [ ${#TASKS[@]} -eq 0 ] && TASKS=(halfcheetah-dir halfcheetah-vel ant-dir hopper-params)

@@ -97,6 +97,9 @@ class SamplingConfig:
         lambda v: len(v) >= 1 and all(w >= 1 for w in v), "a non-empty list of widths >= 1"))
     activation: str = field("tanh", **one_of("tanh", "relu"))  # hidden layers of the policy
     init_std: float = field(1.0, **positive())  # the policy's σ before training (rllab's)
+    # A floor under the policy's σ (`GaussianPolicy.min_std`); None: none, in effect the
+    # reference policies' 1e-6.
+    min_std: float | None = field(None, **positive())
 
 
 # --- loading --------------------------------------------------------------------------

@@ -180,6 +180,7 @@ def build(config: RunConfig):
                    horizon=config.algorithm.horizon)
     policy = GaussianPolicy(env.observation_size, env.action_size,
                             tuple(config.algorithm.hidden_sizes), config.algorithm.activation,
-                            init_std=config.algorithm.init_std)
+                            init_std=config.algorithm.init_std,
+                            min_std=config.algorithm.min_std)
     algorithm = ALGORITHMS[config.run.algo](config.algorithm, env, policy)
     return env, policy, algorithm

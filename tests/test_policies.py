@@ -80,3 +80,33 @@ def test_init_std_must_be_positive():
 
     with pytest.raises(ConfigError, match="init_std"):
         resolve_config({"algo": "promp", "env": {"name": "point-nav"}, "init_std": 0.0})
+
+
+@pytest.mark.parametrize("algo", ["promp", "maml-trpo", "memrl"])
+def test_min_std_floors_the_sigma_an_algorithm_samples_with_and_reports(algo):
+    """`min_std` reaches the policy of every sampling learner: a meta-policy whose σ
+    parameter starts below the floor acts with the floor, and `policy_std` reports it."""
+    from metarl_jax.run_config import build, resolve_config
+
+    tiny = {"algo": algo, "env": {"name": "point-nav"}, "meta_batch_size": 2,
+            "episodes_per_task": 2, "horizon": 5, "hidden_sizes": [4], "init_std": 0.3}
+    for min_std, expected in ((0.5, 0.5), (None, 0.3)):
+        _, policy, algorithm = build(resolve_config({**tiny, "min_std": min_std}))
+        assert policy.min_std == min_std
+        state = algorithm.init(jax.random.PRNGKey(0))
+        _, log_std = algorithm.policy.distribution(state.params, jnp.zeros((2,)))
+        np.testing.assert_allclose(np.exp(log_std), expected, rtol=1e-6)
+        _, metrics = jax.jit(algorithm.meta_iteration)(state)
+        # One meta-iteration moves σ by a few per cent, nowhere near 0.5.
+        assert float(metrics["policy_std"]) == pytest.approx(expected, rel=0.1)
+        if min_std is not None:
+            assert float(metrics["policy_std"]) == pytest.approx(min_std, rel=1e-6)
+
+
+def test_min_std_is_refused_for_gmps_which_has_its_own():
+    from metarl_jax.config import ConfigError
+    from metarl_jax.run_config import build, resolve_config
+
+    with pytest.raises(ConfigError, match="min_std: gmps floors its meta-policy's σ with "
+                                          "gmps.min_std"):
+        build(resolve_config({"algo": "gmps", "env": {"name": "point-nav"}, "min_std": 0.5}))

@@ -142,6 +142,9 @@ class GMPS(MetaLearner):
     config_class = GMPSConfig
 
     def __init__(self, config: GMPSConfig, env: TaskEnv, policy: GaussianPolicy):
+        if config.min_std is not None:
+            raise ConfigError("config: min_std: gmps floors its meta-policy's σ with "
+                              "gmps.min_std; set that instead")
         if config.inner_steps != 1:
             raise ConfigError("config: inner_steps: gmps takes one inner step; expected 1")
         if config.meta_batch_size > config.gmps.num_train_tasks:

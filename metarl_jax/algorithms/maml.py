@@ -383,7 +383,7 @@ class MAMLFamily(MetaLearner):
         if self.parts.exploration is not None:
             metrics["exploration"] = self.meta_loss(state.params, pre_batches,
                                                     post_batch)[1]["exploration"]
-        metrics["policy_std"] = jnp.mean(jnp.exp(theta["params"]["log_std"]))
+        metrics["policy_std"] = jnp.mean(jnp.exp(self.policy.log_std(theta)))
         return MAMLState(params=theta, opt_state=opt_state, key=key,
                          iteration=state.iteration + 1), metrics
 

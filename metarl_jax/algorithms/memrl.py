@@ -119,6 +119,6 @@ class MEMRL(MetaLearner):
             meta_gradient_norm=jnp.sqrt(sum(jnp.sum(g ** 2)
                                             for g in jax.tree.leaves(meta_gradient))),
             proximal_distance=jnp.mean(distances),
-            policy_std=jnp.mean(jnp.exp(theta["params"]["log_std"])))
+            policy_std=jnp.mean(jnp.exp(self.policy.log_std(theta))))
         return MEMRLState(params=theta, opt_state=opt_state, key=key,
                           iteration=state.iteration + 1), metrics

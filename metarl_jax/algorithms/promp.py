@@ -122,7 +122,7 @@ class ProMP(MetaLearner):
             clip_fraction=aux["clip_fraction"],
             kl=last_kls,
             kl_coeff=state.kl_coeffs,
-            policy_std=jnp.mean(jnp.exp(theta["params"]["log_std"])),
+            policy_std=jnp.mean(jnp.exp(self.policy.log_std(theta))),
         )
         new_state = ProMPState(params=theta, opt_state=opt_state, kl_coeffs=kl_coeffs,
                                key=key, iteration=state.iteration + 1)
