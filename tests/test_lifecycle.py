@@ -24,14 +24,16 @@ from metarl_jax.cli import EXIT_DIVERGED, main
 from metarl_jax.config import ConfigError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+# One iteration per call unless a test says otherwise: the tests then share compiled
+# programs (and the compilation cache) instead of compiling one per call length.
 TINY = ["--set", "meta_batch_size=3", "--set", "episodes_per_task=3", "--set", "horizon=15",
-        "--set", "hidden_sizes=[16, 16]"]
+        "--set", "hidden_sizes=[16, 16]", "--set", "iterations_per_call=1"]
 TIMING_KEYS = {"time_s", "iteration_s"}
 
 
-def tiny_config(**overrides):
+def tiny_config(**overrides):  # one iteration per call, like TINY
     raw = {**run_config.DEFAULT_EXPERIMENT, "meta_batch_size": 3, "episodes_per_task": 3,
-           "horizon": 15, "hidden_sizes": [16, 16], **overrides}
+           "horizon": 15, "hidden_sizes": [16, 16], "iterations_per_call": 1, **overrides}
     return run_config.resolve_config(raw)
 
 
@@ -133,8 +135,7 @@ def test_planted_nan_stops_cleanly_and_keeps_last_good_checkpoint(tmp_path):
     out = tmp_path / "run"
     result = CliRunner().invoke(main, [
         "train", "--iterations", "8", "--out", str(out), "--quiet",
-        "--set", "checkpoint_every=100", "--set", "iterations_per_call=1",
-        "--set", "debug_nan_at_iteration=4", *TINY])
+        "--set", "checkpoint_every=100", "--set", "debug_nan_at_iteration=4", *TINY])
     assert result.exit_code == EXIT_DIVERGED
     line = result.output.strip().splitlines()[-1]
     assert line.startswith("error: training diverged at iteration 4: ")
@@ -259,9 +260,9 @@ def test_divergence_inside_a_fused_call_checkpoints_the_iteration_before_it(tmp_
     run stops there, records 1-4, and checkpoints iteration 4 (rerun from 3)."""
     out = tmp_path / "run"
     result = CliRunner().invoke(main, [
-        "train", "--iterations", "8", "--out", str(out), "--quiet",
+        "train", "--iterations", "8", "--out", str(out), "--quiet", *TINY,
         "--set", "checkpoint_every=9", "--set", "iterations_per_call=3",
-        "--set", "debug_nan_at_iteration=5", *TINY])
+        "--set", "debug_nan_at_iteration=5"])
     assert result.exit_code == EXIT_DIVERGED
     assert "diverged at iteration 5: " in result.output
     assert "the last good checkpoint is iteration 4" in result.output
@@ -281,11 +282,14 @@ def test_fused_calls_are_the_default_on_tasks_without_physics():
     """Unless the configuration names it, `iterations_per_call` is the largest divisor of
     `checkpoint_every` up to 5 on a pure-JAX task and 1 on a physics task; the resolved
     number is what the run directory records, so a resumed run keeps it."""
-    assert tiny_config().run.iterations_per_call == 5
-    assert tiny_config(checkpoint_every=6).run.iterations_per_call == 3
-    assert tiny_config(checkpoint_every=7).run.iterations_per_call == 1
+    def resolved(**overrides):  # tiny_config, but with the key left to its default
+        return tiny_config(iterations_per_call=None, **overrides)
+
+    assert resolved().run.iterations_per_call == 5
+    assert resolved(checkpoint_every=6).run.iterations_per_call == 3
+    assert resolved(checkpoint_every=7).run.iterations_per_call == 1
     assert tiny_config(iterations_per_call=2).run.iterations_per_call == 2
-    assert tiny_config().to_dict()["iterations_per_call"] == 5
+    assert resolved().to_dict()["iterations_per_call"] == 5
     for name in ("halfcheetah-dir", "ant-dir", "hopper-params"):
         config = run_config.resolve_config({"env": {"name": name}})
         assert config.run.iterations_per_call == 1, name

@@ -14,7 +14,8 @@ from metarl_jax import run_config, run_dir, trainer
 from metarl_jax.cli import EXIT_CONFIG_ERROR, main
 from metarl_jax.config import ConfigError
 
-TINY = {"meta_batch_size": 2, "episodes_per_task": 2, "horizon": 8, "hidden_sizes": [8, 8]}
+TINY = {"meta_batch_size": 2, "episodes_per_task": 2, "horizon": 8, "hidden_sizes": [8, 8],
+        "iterations_per_call": 1}
 MISSING_WANDB = "config: logger: wandb is not installed; pip install -e '.[wandb]'"
 
 

@@ -16,7 +16,7 @@ from metarl_jax.checkpoints import Checkpointer
 from metarl_jax.cli import EXIT_CONFIG_ERROR, EXIT_PREEMPTED, EXIT_RUN_DIRECTORY
 
 TINY = ["--set", "meta_batch_size=2", "--set", "episodes_per_task=2", "--set", "horizon=8",
-        "--set", "hidden_sizes=[8, 8]"]
+        "--set", "hidden_sizes=[8, 8]", "--set", "iterations_per_call=1"]
 TIMING_KEYS = {"time_s", "iteration_s"}
 
 
@@ -39,7 +39,7 @@ def wait_for_records(out: pathlib.Path, count: int, process, timeout=300.0):
 def tiny_config(**overrides):
     return run_config.resolve_config({
         **run_config.DEFAULT_EXPERIMENT, "meta_batch_size": 2, "episodes_per_task": 2,
-        "horizon": 8, "hidden_sizes": [8, 8], **overrides})
+        "horizon": 8, "hidden_sizes": [8, 8], "iterations_per_call": 1, **overrides})
 
 
 def without_timing(records):

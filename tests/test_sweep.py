@@ -12,7 +12,8 @@ from metarl_jax.checkpoints import Checkpointer
 from metarl_jax.cli import EXIT_CONFIG_ERROR, main
 from metarl_jax.config import ConfigError
 
-TINY = {"meta_batch_size": 2, "episodes_per_task": 2, "horizon": 8, "hidden_sizes": [8, 8]}
+TINY = {"meta_batch_size": 2, "episodes_per_task": 2, "horizon": 8, "hidden_sizes": [8, 8],
+        "iterations_per_call": 1}
 TIMING_KEYS = {"time_s", "iteration_s"}
 
 
@@ -73,7 +74,7 @@ def test_a_number_the_algorithm_branches_on_is_refused_before_compiling(tmp_path
 
 
 def test_each_member_equals_its_separate_run_and_resume_equals_uninterrupted(tmp_path):
-    raw = {**TINY, "iterations": 4, "checkpoint_every": 2}
+    raw = {**TINY, "iterations": 4, "checkpoint_every": 2, "iterations_per_call": 2}
     members = sweep.expand(raw, [1], {"inner_lr": [0.05, 0.2]})
     out = tmp_path / "sweep"
     results = sweep.train_sweep(members, str(out), progress=False)
