@@ -78,8 +78,8 @@ class TaskSpec:
       build: builds the task distribution; options `backend` and `horizon` (None: the
         default), each passed on only where the constructor takes it.
       registered: False for a task given by import path.
-      physics: True for a task simulated by a physics backend (one that declares a
-        backend to run on), False for a pure-JAX task.
+      physics: True for a task simulated by a physics backend (`uses_physics`), False
+        for a pure-JAX task.
     """
 
     name: str
