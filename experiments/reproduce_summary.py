@@ -3,6 +3,7 @@
     python experiments/reproduce_summary.py            # every task with runs
     python experiments/reproduce_summary.py halfcheetah-dir
     python experiments/reproduce_summary.py ant-dir --blocks 40   # curves in blocks, only
+    python experiments/reproduce_summary.py hopper-params --blocks 10 --metric gain
 
 For each run in runs/reproduce/TASK/ALGO_seedS it first copies the run's summary
 (config.yaml, metrics.jsonl, eval.json) to experiments/reproduce/TASK/ALGO_seedS, which
@@ -94,9 +95,16 @@ def mean_near(records: list[dict], steps: float, key: str) -> float | None:
     return statistics.fmean(window) if window else None
 
 
-def blocks_table(runs: list[pathlib.Path], size: int) -> str:
-    """Mean post-update return of each run over blocks of `size` iterations, with σ at
-    the block's end; a block the run has not finished is left out."""
+def blocks_table(runs: list[pathlib.Path], size: int, metric: str = "post") -> str:
+    """Mean post-update return (`metric` "post"), or post − pre ("gain"), of each run
+    over blocks of `size` iterations, with σ at the block's end; a block the run has not
+    finished is left out."""
+
+    def value(record):
+        if metric == "gain":
+            return record["post_return"] - record["pre_return"]
+        return record["post_return"]
+
     records = {run.name: read_records(run) for run in runs}
     longest = max(len(r) for r in records.values())
     lines = ["| iterations | " + " | ".join(records) + " |",
@@ -105,7 +113,7 @@ def blocks_table(runs: list[pathlib.Path], size: int) -> str:
         cells = []
         for rows in records.values():
             block = rows[first:first + size]
-            cells.append(f"{statistics.fmean(r['post_return'] for r in block):.1f} "
+            cells.append(f"{statistics.fmean(value(r) for r in block):.1f} "
                          f"(σ {block[-1]['policy_std']:.2f})" if len(block) == size else "–")
         lines.append(f"| {first + 1}–{first + size} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -201,6 +209,8 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, metavar="N",
                         help="only print the committed runs' mean post-update return over "
                              "blocks of N iterations")
+    parser.add_argument("--metric", choices=("post", "gain"), default="post",
+                        help="with --blocks: the post-update return, or post − pre")
     args = parser.parse_args()
     tasks = args.tasks or sorted({p.name for p in list(RUNS.glob("*")) +
                                   list(SUMMARIES.glob("*")) if p.is_dir()})
@@ -211,7 +221,7 @@ def main() -> None:
     for task in tasks:
         if args.blocks:
             runs = sorted((SUMMARIES / task).glob("*_seed*"))
-            print(f"{task}\n\n{blocks_table(runs, args.blocks)}\n")
+            print(f"{task}\n\n{blocks_table(runs, args.blocks, args.metric)}\n")
             continue
         if (RUNS / task).exists():
             copy_summaries(task)

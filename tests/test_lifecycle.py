@@ -363,9 +363,9 @@ def test_the_reproduction_report_takes_each_task_table_once():
 
 
 def test_the_reproduction_blocks_average_whole_blocks_only(tmp_path):
-    """`reproduce_summary.py --blocks N`: each run's mean post-update return over
-    iterations 1..N, N+1..2N, …, with σ at the block's end; a run that has not finished
-    a block shows a dash there."""
+    """`reproduce_summary.py --blocks N`: each run's mean post-update return (or, with
+    `--metric gain`, post − pre) over iterations 1..N, N+1..2N, …, with σ at the block's
+    end; a run that has not finished a block shows a dash there."""
     sys.path.insert(0, str(REPO / "experiments"))
     import reproduce_summary  # noqa: E402
 
@@ -373,7 +373,8 @@ def test_the_reproduction_blocks_average_whole_blocks_only(tmp_path):
         run = tmp_path / name
         run.mkdir()
         run.joinpath("metrics.jsonl").write_text("".join(
-            json.dumps({"iteration": i + 1, "post_return": post, "policy_std": 1.0 - i / 10})
+            json.dumps({"iteration": i + 1, "post_return": post, "pre_return": post - i,
+                        "policy_std": 1.0 - i / 10})
             + "\n" for i, post in enumerate(posts)))
         return run
 
@@ -382,6 +383,8 @@ def test_the_reproduction_blocks_average_whole_blocks_only(tmp_path):
     assert table.splitlines() == [
         "| iterations | promp_seed0 | promp_seed1 |", "|---|---|---|",
         "| 1–2 | 2.0 (σ 0.90) | 3.0 (σ 0.90) |", "| 3–4 | 6.0 (σ 0.70) | – |"]
+    gains = reproduce_summary.blocks_table([tmp_path / "promp_seed0"], 2, metric="gain")
+    assert gains.splitlines()[2:] == ["| 1–2 | 0.5 (σ 0.90) |", "| 3–4 | 2.5 (σ 0.70) |"]
 
 
 def test_the_reproduction_means_count_finished_runs_only():
