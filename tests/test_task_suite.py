@@ -523,9 +523,11 @@ BRAX_TASKS = [name for name in env_names() if name != "point-nav"]
 # One compiled iteration per body and default backend (ant-dir's, on mjx, runs through
 # the CLI instead, test_cli.py, with the same checks; the ant ring's here is on
 # generalized); the other tasks share one of these, and their steps are compiled by the
-# reward tests above, so their iteration is traced, not compiled.
-COMPILED_HERE = ["ant-goal-ring", "halfcheetah-vel", "hopper-params", "humanoid-dir",
-                 "walker-dir"]
+# reward tests above, so their iteration is traced, not compiled. The humanoid's takes
+# about a minute to compile on two cores: `make test` traces it, `make test-slow`
+# compiles it.
+COMPILED_HERE = ["ant-goal-ring", "halfcheetah-vel", "hopper-params", "walker-dir"]
+COMPILED_IN_SLOW_TESTS = ["humanoid-dir"]
 
 
 def _tiny_promp(name):
@@ -540,7 +542,8 @@ def _tiny_promp(name):
     return algorithm, algorithm.init(jax.random.PRNGKey(0))
 
 
-@pytest.mark.parametrize("name", COMPILED_HERE)
+@pytest.mark.parametrize("name", COMPILED_HERE + [pytest.param(name, marks=pytest.mark.slow)
+                                                  for name in COMPILED_IN_SLOW_TESTS])
 def test_one_promp_iteration_on_every_body(name):
     """Tiny batch, one compiled meta-iteration: finite, and every parameter moves."""
     algorithm, state = _tiny_promp(name)
@@ -570,7 +573,8 @@ def test_one_promp_iteration_traces_on_every_other_task(name):
 
 def test_every_body_is_compiled_here_or_through_the_cli():
     bodies = {ENVIRONMENTS[name].brax_name for name in BRAX_TASKS}
-    assert {ENVIRONMENTS[name].brax_name for name in COMPILED_HERE + ["ant-dir"]} == bodies
+    compiled = COMPILED_HERE + COMPILED_IN_SLOW_TESTS + ["ant-dir"]
+    assert {ENVIRONMENTS[name].brax_name for name in compiled} == bodies
 
 
 def test_more_training_tasks_than_the_ring_has_fail_with_one_line(tmp_path):
