@@ -6,9 +6,10 @@ runs it. Prints a table and appends it to benchmarks/RESULTS.md with the machine
     python benchmarks/locomotion.py --tasks halfcheetah-dir --batches reduced
     python benchmarks/locomotion.py --backends spring positional --cpu-devices 1 2
 
-Each row is one `metarl train` process (no persistent compilation cache): its first
-call (compilation and the first iteration), then the median `iteration_s` of the later
-iterations, and the environment steps per second that makes. The paper's batch is the
+Each row is one `metarl train` process (no persistent compilation cache): the time of
+its first iteration (the trainer compiles the program ahead of that call, so this is
+not compilation), then the median `iteration_s` of the later iterations, and the
+environment steps per second that makes. The paper's batch is the
 task's published setting (what `--algo promp --env TASK` runs); the reduced batch keeps
 its horizon with M = 20 tasks and N = 10 episodes. A process that does not finish within
 `--timeout` seconds is reported as such, not waited for.
